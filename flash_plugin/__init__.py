@@ -1,0 +1,1 @@
+"""flash-plugin: sample-adaptive reconstruction with diffusion models."""

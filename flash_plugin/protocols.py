@@ -1,0 +1,98 @@
+"""Structural interfaces (`typing.Protocol`): third-party objects need not inherit from them.
+
+Capabilities beyond the minimum are separate protocols, checked with ``isinstance`` (all are
+``runtime_checkable``), never with ad-hoc ``hasattr`` calls in generic code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, Protocol, runtime_checkable
+
+import torch
+
+from flash_plugin.types import NoiseSchedule, SeverityEstimate, Solution, StartPoint
+
+
+@runtime_checkable
+class Operator(Protocol):
+    """A degradation ``y = A(x) + n`` acting on images ``(B, C, H, W)`` in ``[-1, 1]``.
+
+    ``forward`` is the noiseless, differentiable ``A(x)``; ``measure`` adds the noise drawn from
+    ``generator``; ``noise_std`` is ``σ_y`` on the ``[-1, 1]`` scale.
+    """
+
+    noise_std: float
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def measure(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class LinearOperator(Operator, Protocol):
+    """An operator with a true adjoint ``<A u, v> = <u, A* v>`` (checked numerically in the tests)."""
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Solver(Protocol):
+    """A diffusion solver for inverse problems that can start from any step ``k = 0..N``.
+
+    ``solve(y, operator, start=None)`` is a full solve from noise; with a `StartPoint` every sample
+    starts at its own ``start.step[i]`` from ``start.latent[i]`` and makes exactly that many steps.
+    """
+
+    @property
+    def schedule(self) -> NoiseSchedule: ...
+
+    def solve(
+        self,
+        y: torch.Tensor,
+        operator: Any,
+        *,
+        start: StartPoint | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Solution: ...
+
+
+@runtime_checkable
+class MixedStartSolver(Solver, Protocol):
+    """Capability: one batch may hold different start steps (samples join when the loop reaches
+    their step; the denoiser runs on active samples only). Without it, `FlashSolver` groups
+    samples by start step."""
+
+    supports_mixed_starts: Literal[True]
+
+
+@runtime_checkable
+class LatentModelSolver(Solver, Protocol):
+    """Capability: the solver exposes its latent model (``encode`` / ``decode`` / ``latent_id``)."""
+
+    @property
+    def model(self) -> Any: ...
+
+
+@runtime_checkable
+class StepCallbackSolver(Solver, Protocol):
+    """Capability: ``solve`` accepts ``callback(k, latent)`` called after every reverse step."""
+
+    def solve(
+        self,
+        y: torch.Tensor,
+        operator: Any,
+        *,
+        start: StartPoint | None = None,
+        generator: torch.Generator | None = None,
+        callback: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> Solution: ...
+
+
+@runtime_checkable
+class SeverityEstimator(Protocol):
+    """Maps a measurement ``y`` to ``(ẑ, σ̂²)``; ``metadata`` names the latent space (``latent_id``)
+    and operator family it was trained for, so that a mismatch can be reported."""
+
+    metadata: dict[str, Any]
+
+    def estimate(self, y: torch.Tensor) -> SeverityEstimate: ...

@@ -1,0 +1,126 @@
+"""Resumable training state in safetensors (no pickle anywhere).
+
+A training checkpoint holds the model weights, optional EMA weights, the optimizer's tensors
+(flattened as ``opt.<param index>.<name>``), the step counter and a JSON ``meta`` string.
+Writes are atomic (write to a temporary file, then ``os.replace``), so a killed process never
+leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from flash_plugin.errors import CheckpointError
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load a safetensors file, turning every failure into a `CheckpointError` that names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:  # truncated / corrupt header
+        raise CheckpointError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from e
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"opt.{idx}.{name}"] = t
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def save_training_state(
+    path: str | os.PathLike,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    ema: torch.nn.Module | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    tensors.update(opt_tensors)
+    for k, v in (extra_tensors or {}).items():
+        tensors[f"extra.{k}"] = v
+    info = {"step": int(step), "optimizer": opt_meta, "meta": meta or {}}
+    atomic_save_safetensors(tensors, path, metadata={"training_state": json.dumps(info)})
+
+
+def load_training_state(
+    path: str | os.PathLike,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: torch.nn.Module | None = None,
+) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
+    """Restore model/optimizer(/EMA) in place; return ``(step, extra_tensors, meta)``."""
+    from safetensors import safe_open
+
+    tensors = load_safetensors(path)
+    with safe_open(str(path), framework="pt") as f:
+        info = json.loads((f.metadata() or {}).get("training_state", "null") or "null")
+    if info is None:
+        raise CheckpointError(f"{path} is not a training checkpoint (no 'training_state' metadata)")
+    device = next(model.parameters()).device
+
+    def sub(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    model.load_state_dict(sub("model."))
+    if ema is not None:
+        ema.load_state_dict(sub("ema."))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in sub("opt.").items():
+        idx, name = k.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v.to(device) if name != "step" else v
+    optimizer.load_state_dict({"state": state, "param_groups": info["optimizer"]["param_groups"]})
+    return info["step"], sub("extra."), info.get("meta", {})
