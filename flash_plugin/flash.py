@@ -1,0 +1,172 @@
+"""`flash()`: make any solver sample-adaptive (Fabian et al., "Adapt and Diffuse", ICML 2024).
+
+    solver = flash(existing_solver, estimator=enc)
+    solution = solver(y, operator, generator=torch.Generator().manual_seed(0))
+
+The severity estimator maps ``y`` to ``(ẑ, σ̂²)``; each sample starts at the step ``k*`` whose SNR
+matches ``1/σ̂²`` (`flash_plugin.schedule.select_start_step`) from a noised ``ẑ``
+(`flash_plugin.schedule.start_latent`), and the wrapped solver runs only the remaining ``k*``
+steps. A sample whose ``k* = N`` starts from pure noise, exactly like the unwrapped solver.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from flash_plugin.errors import AlreadyFlashedError, FlashInputError, LatentSpaceMismatchError, NotAdaptableError
+from flash_plugin.protocols import LatentModelSolver, MixedStartSolver, SeverityEstimator, Solver
+from flash_plugin.schedule import select_start_step, start_latent
+from flash_plugin.solvers.base import select_operator
+from flash_plugin.types import NoiseSchedule, SeverityEstimate, Solution, StartPoint
+from flash_plugin.utils.random import GeneratorLike, check_generators, randn_per_sample, subset_generators
+
+
+@dataclass(frozen=True)
+class FlashConfig:
+    """Options of the Flash wrapper.
+
+    Attributes:
+        noise_correction: the paper's ``c`` in ``sqrt(1 − cσ̂²) ẑ + sqrt(cσ̂²) ε`` (1.0–1.2 typical).
+        start_mode: ``"noise_correction"`` (the paper) or ``"snr_matched"`` (``a_k ẑ + b_k ε``).
+        min_step, max_step: clamps on ``k*`` (``max_step=None`` means ``N``).
+        force_step: ignore ``σ̂²`` and start every sample at this step (ablations; ``N`` = unwrapped).
+        check_latent_space: refuse an estimator trained for another latent space than the solver's.
+    """
+
+    noise_correction: float = 1.0
+    start_mode: Literal["noise_correction", "snr_matched"] = "noise_correction"
+    min_step: int = 0
+    max_step: int | None = None
+    force_step: int | None = None
+    check_latent_space: bool = True
+
+    def __post_init__(self) -> None:
+        if not (self.noise_correction > 0 and self.noise_correction < float("inf")):
+            raise FlashInputError(f"noise_correction must be a finite positive number, got {self.noise_correction}")
+        if self.start_mode not in ("noise_correction", "snr_matched"):
+            raise FlashInputError(f"start_mode must be 'noise_correction' or 'snr_matched', got {self.start_mode!r}")
+
+
+class FlashSolver:
+    """A `Solver` that picks each sample's start step from a severity estimate (composition: the
+    wrapped solver is used as is and never modified)."""
+
+    supports_mixed_starts: Literal[True] = True
+
+    def __init__(self, solver: Solver, estimator: SeverityEstimator, config: FlashConfig = FlashConfig()):
+        self.solver = solver
+        self.estimator = estimator
+        self.config = config
+        n = solver.schedule.num_steps
+        if config.force_step is not None and not 0 <= config.force_step <= n:
+            raise FlashInputError(f"force_step must lie in 0..{n}, got {config.force_step}")
+        if config.check_latent_space and isinstance(solver, LatentModelSolver):
+            want = getattr(solver.model, "latent_id", None)
+            have = (getattr(estimator, "metadata", None) or {}).get("latent_id")
+            if want is not None and have is not None and want != have:
+                raise LatentSpaceMismatchError(
+                    f"the severity estimator was trained for latent space {have!r} but the solver's model has {want!r}: "
+                    "its ẑ would be meaningless for this model. Train an encoder for this autoencoder "
+                    "(flash-plugin train-severity) or pass FlashConfig(check_latent_space=False) if you know better."
+                )
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return self.solver.schedule
+
+    @property
+    def model(self) -> Any:
+        return getattr(self.solver, "model", None)
+
+    def __repr__(self) -> str:
+        return f"FlashSolver({self.solver!r}, estimator={type(self.estimator).__name__}, config={self.config})"
+
+    def estimate(self, y: torch.Tensor) -> SeverityEstimate:
+        with torch.no_grad():
+            est = self.estimator.estimate(y)
+        b = y.shape[0]
+        if est.latent.shape[0] != b or est.variance.shape != (b,):
+            raise FlashInputError(
+                f"the severity estimate does not match the batch: y has {b} samples, ẑ {est.latent.shape[0]}, "
+                f"σ̂² shape {tuple(est.variance.shape)} (expected ({b},))"
+            )
+        return est
+
+    def start_point(self, y: torch.Tensor, generator: GeneratorLike = None) -> tuple[StartPoint, SeverityEstimate]:
+        """Estimate ``(ẑ, σ̂²)`` and build the per-sample start (consumes one normal draw per sample)."""
+        est = self.estimate(y)
+        sched, cfg = self.schedule, self.config
+        if cfg.force_step is not None:
+            from flash_plugin.schedule import check_variance
+
+            check_variance(est.variance)
+            step = torch.full((y.shape[0],), cfg.force_step, dtype=torch.long, device=y.device)
+        else:
+            step = select_start_step(sched, est.variance, min_step=cfg.min_step, max_step=cfg.max_step).to(y.device)
+        eps = randn_per_sample(est.latent.shape, generator, device=y.device, dtype=y.dtype)
+        z, step = start_latent(est.latent.to(y.dtype), est.variance, step, sched, mode=cfg.start_mode,
+                               noise_correction=cfg.noise_correction, noise=eps)
+        # k = N is a full solve from pure noise: start from the noise itself, as the unwrapped solver does.
+        full = (step == sched.num_steps).view(-1, *[1] * (z.ndim - 1))
+        z = torch.where(full, eps, z)
+        return StartPoint(step, z), est
+
+    def solve(self, y: torch.Tensor, operator: Any, *, start: StartPoint | None = None, generator: GeneratorLike = None) -> Solution:
+        """With ``start`` given, a plain pass-through to the wrapped solver; otherwise adaptive."""
+        if start is not None:
+            return self.solver.solve(y, operator, start=start, generator=generator)
+        return self(y, operator, generator=generator)
+
+    def __call__(self, y: torch.Tensor, operator: Any, *, generator: GeneratorLike = None) -> Solution:
+        if not isinstance(y, torch.Tensor) or y.ndim < 2:
+            raise FlashInputError(f"y must be a batched tensor (B, ...), got {type(y).__name__} {tuple(getattr(y, 'shape', ()))}")
+        check_generators(generator, y.shape[0])
+        start, est = self.start_point(y, generator)
+        if isinstance(self.solver, MixedStartSolver) or torch.unique(start.step).numel() == 1:
+            sol = self.solver.solve(y, operator, start=start, generator=generator)
+        else:
+            sol = self._solve_grouped(y, operator, start, generator)
+        return Solution(x=sol.x, latent=sol.latent, nfe=sol.nfe, start_step=start.step, severity=est.variance.detach(), extras=sol.extras)
+
+    def _solve_grouped(self, y, operator, start: StartPoint, generator) -> Solution:
+        """Fallback for solvers without mixed starts: one call per group of equal start step."""
+        b = y.shape[0]
+        parts: list[tuple[torch.Tensor, Solution]] = []
+        for k in torch.unique(start.step).tolist():
+            idx = (start.step == k).nonzero().flatten()
+            sub = StartPoint(start.step[idx], start.latent[idx])
+            parts.append((idx, self.solver.solve(y[idx], select_operator(operator, idx, b), start=sub, generator=subset_generators(generator, idx))))
+        first = parts[0][1]
+        x = first.x.new_empty((b, *first.x.shape[1:]))
+        latent = first.latent.new_empty((b, *first.latent.shape[1:]))
+        nfe = torch.empty(b, dtype=torch.long, device=first.nfe.device)
+        for idx, sol in parts:
+            x[idx], latent[idx], nfe[idx] = sol.x, sol.latent, sol.nfe
+        return Solution(x=x, latent=latent, nfe=nfe, start_step=start.step)
+
+
+def flash(solver: Any, estimator: Any = None, config: FlashConfig = FlashConfig()) -> FlashSolver:
+    """Wrap ``solver`` so that every sample starts at its own estimated severity.
+
+    ``solver`` may satisfy `Solver` already or be adaptable by a plugin (``flash_adapt_solver``);
+    ``estimator`` likewise (``flash_adapt_severity_estimator``). Flashing a `FlashSolver` is an error.
+    """
+    if isinstance(solver, FlashSolver):
+        raise AlreadyFlashedError("this solver is already flashed (a FlashSolver); flash the original solver instead of wrapping twice")
+    if not isinstance(solver, Solver):
+        from flash_plugin.registry import adapt_solver
+
+        solver = adapt_solver(solver)
+    if estimator is None:
+        raise NotAdaptableError(
+            "no severity estimator given: pass estimator=... (e.g. flash_plugin.severity.SeverityEncoder.from_pretrained(dir) "
+            "or a bundled one from flash_plugin.models.load_default_model())"
+        )
+    if not isinstance(estimator, SeverityEstimator):
+        from flash_plugin.registry import adapt_severity_estimator
+
+        estimator = adapt_severity_estimator(estimator)
+    return FlashSolver(solver, estimator, config)

@@ -1,0 +1,121 @@
+"""Pure functions of the Flash core: SNR, start-step selection and the start latent.
+
+Start step (Fabian et al., "Adapt and Diffuse", ICML 2024, poster eq. for i_start): an estimate
+``ẑ`` whose error has variance ``σ̂²`` looks like a latent at the step ``k*`` whose
+signal-to-noise ratio ``a_k²/b_k²`` is closest to ``1/σ̂²``::
+
+    k* = argmin_k | ᾱ_k / (1 − ᾱ_k) − 1/σ̂² |   over the solver's own k = 0..N
+
+Start latent, the paper's "noise correction" with constant ``c`` (default 1)::
+
+    z = sqrt(1 − c σ̂²) ẑ + sqrt(c σ̂²) ε
+
+or, as an option, the exactly SNR-matched marginal ``a_k ẑ + b_k ε``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal, Sequence
+
+import torch
+
+from flash_plugin.errors import FlashInputError, SeverityError
+from flash_plugin.types import NoiseSchedule
+from flash_plugin.utils.random import randn_per_sample
+
+
+def snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """``ᾱ / (1 − ᾱ)`` in float64 (``inf`` where ``ᾱ = 1``)."""
+    acp = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    return acp / (1.0 - acp)
+
+
+def check_variance(variance: torch.Tensor, name: str = "σ̂²") -> torch.Tensor:
+    """Validate a per-sample variance vector: 1-D, finite, strictly positive."""
+    v = torch.as_tensor(variance)
+    if v.ndim != 1:
+        raise SeverityError(f"{name} must be a 1-D tensor with one value per sample, got shape {tuple(v.shape)}")
+    if not torch.all(torch.isfinite(v)):
+        raise SeverityError(f"{name} contains NaN or Inf: {v.tolist()}")
+    if torch.any(v <= 0):
+        raise SeverityError(f"{name} must be > 0, got {v.tolist()}")
+    return v
+
+
+def select_start_step(
+    schedule: NoiseSchedule,
+    variance: torch.Tensor,
+    *,
+    min_step: int = 0,
+    max_step: int | None = None,
+) -> torch.Tensor:
+    """``k*`` per sample (LongTensor ``[B]``, on the variance's device), clamped to ``[min_step, max_step]``.
+
+    Ties go to the smaller ``k``. ``k = 0`` has infinite SNR and is chosen only when no finite
+    SNR is closer, which cannot happen for finite ``σ̂²``; use ``min_step`` to forbid it anyway.
+    """
+    v = check_variance(variance)
+    n = schedule.num_steps
+    max_step = n if max_step is None else max_step
+    if not 0 <= min_step <= max_step <= n:
+        raise FlashInputError(f"need 0 <= min_step <= max_step <= N={n}, got min_step={min_step}, max_step={max_step}")
+    s = schedule.snr().to(v.device)  # [N+1], s[0] = inf
+    target = 1.0 / v.to(torch.float64)
+    dist = (s[None, :] - target[:, None]).abs()  # inf at k = 0
+    k = torch.argmin(dist, dim=1)  # argmin returns the first (smallest k) minimum
+    return k.clamp(min_step, max_step)
+
+
+def start_latent(
+    latent: torch.Tensor,
+    variance: torch.Tensor,
+    step: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    mode: Literal["noise_correction", "snr_matched"] = "noise_correction",
+    noise_correction: float = 1.0,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start latent per sample and the (possibly clamped) start steps.
+
+    ``mode="noise_correction"``: ``sqrt(1 − cσ̂²) ẑ + sqrt(cσ̂²) ε``. When ``cσ̂² ≥ 1`` the estimate
+    carries no signal at that level; such samples start from pure noise at ``k = N`` and a
+    `UserWarning` names them (the paper's code produced NaN there).
+    ``mode="snr_matched"``: ``a_k ẑ + b_k ε`` with ``k`` the given step (the exact marginal).
+    Samples with ``step == 0`` get ``ẑ`` unchanged (nothing to denoise). ``ε`` is ``noise`` when
+    given, else drawn from ``generator`` (one draw per sample).
+    """
+    v = check_variance(variance).to(torch.float64)
+    if latent.shape[0] != v.shape[0] or step.shape[0] != v.shape[0]:
+        raise FlashInputError(f"batch sizes differ: latent {latent.shape[0]}, variance {v.shape[0]}, step {step.shape[0]}")
+    if noise_correction <= 0 or not torch.isfinite(torch.tensor(noise_correction)):
+        raise FlashInputError(f"noise_correction c must be a finite positive number, got {noise_correction}")
+    eps = randn_per_sample(latent.shape, generator, device=latent.device, dtype=latent.dtype) if noise is None else noise
+    step = step.clone()
+    view = (-1,) + (1,) * (latent.ndim - 1)
+    if mode == "noise_correction":
+        cv = noise_correction * v
+        hopeless = cv >= 1.0
+        if torch.any(hopeless):
+            idx = hopeless.nonzero().flatten().tolist()
+            warnings.warn(
+                f"c·σ̂² >= 1 for samples {idx} (c={noise_correction}, σ̂²={v[hopeless].tolist()}): "
+                f"the estimate carries no signal; these samples start from pure noise at k = N = {schedule.num_steps}.",
+                UserWarning,
+                stacklevel=2,
+            )
+            step[hopeless.to(step.device)] = schedule.num_steps
+        cv = cv.clamp(max=1.0)
+        signal = (1.0 - cv).sqrt().to(latent.dtype).to(latent.device).view(view)
+        noise = cv.sqrt().to(latent.dtype).to(latent.device).view(view)
+    elif mode == "snr_matched":
+        k = step.cpu()
+        signal = schedule.a[k].to(latent.dtype).to(latent.device).view(view)
+        noise = schedule.b[k].to(latent.dtype).to(latent.device).view(view)
+    else:
+        raise FlashInputError(f"unknown start mode {mode!r}; use 'noise_correction' or 'snr_matched'")
+    z = signal * latent + noise * eps
+    zero = (step == 0).to(latent.device).view(view)
+    return torch.where(zero, latent, z), step
