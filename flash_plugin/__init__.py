@@ -1,1 +1,15 @@
-"""flash-plugin: sample-adaptive reconstruction with diffusion models."""
+"""flash-plugin: sample-adaptive reconstruction with diffusion models.
+
+    from flash_plugin import flash
+    solver = flash(existing_solver, estimator=encoder)
+    solution = solver(y, operator, generator=torch.Generator().manual_seed(0))
+
+Public API only; see DESIGN.md and the README for the rest.
+"""
+
+from flash_plugin.flash import FlashConfig, FlashSolver, flash
+from flash_plugin.markers import hookimpl
+from flash_plugin.types import NoiseSchedule, SeverityEstimate, Solution, StartPoint
+
+__all__ = ["FlashConfig", "FlashSolver", "NoiseSchedule", "SeverityEstimate", "Solution", "StartPoint", "flash", "hookimpl"]
+__version__ = "0.1.0"
