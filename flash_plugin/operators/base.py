@@ -1,0 +1,293 @@
+"""Common machinery of the degradation operators: validation, noise, per-sample parameters.
+
+Every operator acts on images ``x`` of shape ``(B, C, H, W)`` in ``[-1, 1]`` and models
+
+.. math::  y = A_\\theta(x) + \\sigma_y\\, n, \\qquad n \\sim \\mathcal N(0, I),
+
+where ``θ`` are *per-sample* parameters (a blur std, a mask, a kernel, one row per sample) and
+``σ_y`` (`noise_std`) is stated on the ``[-1, 1]`` scale (the paper's 0.05 on ``[0, 1]`` is 0.1
+here). `BaseOperator.forward` is the noiseless, differentiable ``A(x)``; `BaseOperator.measure`
+adds the noise.
+
+Randomness. Everything random (masks, kernels, noise) is drawn from the caller's generator. A
+``generator`` argument may be
+
+* ``None``: torch's global generator;
+* one ``torch.Generator``: the whole batch is drawn from it in one go;
+* a sequence of ``B`` generators: sample ``i`` is drawn from ``generator[i]`` alone, so a batch
+  equals its samples built one by one with the same per-sample generators (DESIGN.md, section 2).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import ClassVar, Union
+
+import torch
+
+from flash_plugin.errors import FlashInputError
+
+GeneratorLike = Union[torch.Generator, Sequence[torch.Generator], None]
+
+__all__ = [
+    "BaseOperator",
+    "BaseLinearOperator",
+    "GeneratorLike",
+    "adjointness_error",
+    "check_severity",
+    "rand",
+    "randn",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Random draws from a caller's generator (one, one per sample, or the global one)
+# ----------------------------------------------------------------------------------------------
+def _generators(generator: GeneratorLike, batch_size: int) -> list[torch.Generator] | None:
+    """Per-sample generator list, or ``None`` when the batch is drawn in one go."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return None
+    gens = list(generator)
+    if len(gens) != batch_size:
+        raise FlashInputError(f"generator: got {len(gens)} generators for a batch of {batch_size} samples")
+    if not all(isinstance(g, torch.Generator) for g in gens):
+        raise FlashInputError("generator must be a torch.Generator, a sequence of them (one per sample) or None")
+    return gens
+
+
+def _draw(fn, generator: GeneratorLike, batch_size: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    shape = tuple(int(s) for s in shape)
+    gens = _generators(generator, batch_size)
+    if gens is None:
+        device = generator.device if isinstance(generator, torch.Generator) else None
+        return fn((batch_size, *shape), generator=generator, device=device, dtype=dtype)
+    draws = [fn((1, *shape), generator=g, device=g.device, dtype=dtype) for g in gens]
+    return torch.cat([d.to(draws[0].device) for d in draws])
+
+
+def randn(generator: GeneratorLike, batch_size: int, shape: Sequence[int], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Standard normal draws of shape ``(batch_size, *shape)`` on the generator's device."""
+    return _draw(torch.randn, generator, batch_size, shape, dtype)
+
+
+def rand(generator: GeneratorLike, batch_size: int, shape: Sequence[int], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Uniform ``[0, 1)`` draws of shape ``(batch_size, *shape)`` on the generator's device."""
+    return _draw(torch.rand, generator, batch_size, shape, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation helpers
+# ----------------------------------------------------------------------------------------------
+def check_severity(t, batch_size: int | None = None, name: str = "t") -> torch.Tensor:
+    """Return the severity as a float64 vector ``[B]`` in ``[0, 1]``, or raise `FlashInputError`.
+
+    A Python number or a 0-d tensor is one sample (``B = 1``); nothing is broadcast.
+    """
+    tt = torch.as_tensor(t)
+    if not (tt.is_floating_point() or tt.dtype in (torch.int64, torch.int32, torch.bool)):
+        raise FlashInputError(f"{name} (severity) must be real, got dtype {tt.dtype}")
+    tt = tt.to(torch.float64)
+    if tt.ndim == 0:
+        tt = tt.reshape(1)
+    if tt.ndim != 1:
+        raise FlashInputError(f"{name} (severity) must be a vector [B], got shape {tuple(tt.shape)}")
+    if batch_size is not None and tt.shape[0] != batch_size:
+        raise FlashInputError(f"{name} (severity) has {tt.shape[0]} entries for a batch of {batch_size}")
+    if not bool(torch.isfinite(tt).all()):
+        raise FlashInputError(f"{name} (severity) contains NaN or Inf")
+    if tt.numel() and (bool((tt < 0).any()) or bool((tt > 1).any())):
+        raise FlashInputError(f"{name} (severity) must lie in [0, 1], got values in [{tt.min().item():.4g}, {tt.max().item():.4g}]")
+    return tt
+
+
+def _check_noise_std(noise_std) -> float:
+    try:
+        value = float(noise_std)
+    except (TypeError, ValueError):
+        raise FlashInputError(f"noise_std must be a number, got {noise_std!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise FlashInputError(f"noise_std must be finite and >= 0, got {value}")
+    return value
+
+
+def _check_range(pair, name: str, low: float = 0.0) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in pair)
+    except (TypeError, ValueError):
+        raise FlashInputError(f"{name} must be a pair (low, high), got {pair!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo < low or hi < lo:
+        raise FlashInputError(f"{name} must satisfy {low} <= low <= high < inf, got ({lo}, {hi})")
+    return lo, hi
+
+
+# ----------------------------------------------------------------------------------------------
+# Base classes
+# ----------------------------------------------------------------------------------------------
+class BaseOperator:
+    """A degradation ``y = A(x) + σ_y n`` with per-sample parameters (see the module docstring).
+
+    Subclasses implement `_apply` (the noiseless map on validated input) and list the names of
+    their per-sample tensor attributes (leading dimension ``B``) in ``_per_sample``; `select`,
+    `to` and `__repr__` then work without further code.
+
+    Attributes:
+        noise_std: ``σ_y`` on the ``[-1, 1]`` scale (``0`` allowed).
+        severity: float64 ``[B]`` in ``[0, 1]`` when the operator was built from a severity,
+            else ``None``.
+        channels: the channel count the operator requires, or ``None`` (any).
+    """
+
+    _per_sample: ClassVar[tuple[str, ...]] = ()
+    channels: int | None = None
+
+    def __init__(self, batch_size: int | None, noise_std: float = 0.0, severity=None) -> None:
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise FlashInputError(f"batch_size must be a positive int, got {batch_size!r}")
+        self._batch_size = batch_size
+        self.noise_std = _check_noise_std(noise_std)
+        self.severity = None if severity is None else check_severity(severity, batch_size, name="severity")
+
+    # -- public API --------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int | None:
+        """``B``: the number of samples this operator's parameters describe (``None``: any)."""
+        return self._batch_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Noiseless, differentiable ``A(x)`` for ``x`` of shape ``(B, C, H, W)``."""
+        self._check_input(x, "x")
+        return self._apply(x)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)
+
+    def measure(self, x: torch.Tensor, generator: GeneratorLike = None) -> torch.Tensor:
+        """``A(x) + σ_y n`` with ``n ~ N(0, I)`` drawn from ``generator`` (see module docstring).
+
+        The noise is drawn on the generator's device in ``x.dtype`` and then moved to
+        ``x.device``, so a CPU generator gives the same ``y`` on every device.
+        """
+        y = self.forward(x)
+        if self.noise_std == 0.0:
+            return y
+        noise = randn(generator, y.shape[0], y.shape[1:], dtype=y.dtype).to(y.device)
+        return y + self.noise_std * noise
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> BaseOperator:
+        """A new operator whose per-sample parameters live on ``device`` (and in ``dtype`` if given,
+        floating parameters only). The original is unchanged."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
+
+        return self._map_per_sample(move, self._batch_size)
+
+    def select(self, index) -> BaseOperator:
+        """The operator restricted to the samples ``index`` (LongTensor, bool mask ``[B]``, list or
+        int), in that order, e.g. to run a solver on its active samples only."""
+        if self._batch_size is None:
+            return copy.copy(self)
+        idx = self._check_index(index)
+        return self._map_per_sample(lambda t: t[idx.to(t.device)], int(idx.numel()))
+
+    def __repr__(self) -> str:
+        if self.severity is None or self.severity.numel() == 0:
+            sev = "None"
+        else:
+            sev = f"[{self.severity.min().item():.3g}, {self.severity.max().item():.3g}]"
+        extra = self._repr_extra()
+        return (
+            f"{type(self).__name__}(B={self._batch_size}, severity={sev}, noise_std={self.noise_std:g}"
+            + (f", {extra}" if extra else "")
+            + ")"
+        )
+
+    # -- hooks for subclasses ----------------------------------------------------------------
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _repr_extra(self) -> str:
+        return ""
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _map_per_sample(self, fn, batch_size: int | None) -> BaseOperator:
+        new = copy.copy(self)
+        for name in self._per_sample:
+            setattr(new, name, fn(getattr(self, name)))
+        if self.severity is not None:
+            new.severity = fn(self.severity)
+        new._batch_size = batch_size
+        return new
+
+    def _check_index(self, index) -> torch.Tensor:
+        idx = torch.as_tensor(index)
+        if idx.dtype == torch.bool:
+            if idx.shape != (self._batch_size,):
+                raise FlashInputError(f"index: a bool mask must have shape ({self._batch_size},), got {tuple(idx.shape)}")
+            idx = idx.nonzero().flatten()
+        if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise FlashInputError(f"index must be integer or bool, got dtype {idx.dtype}")
+        idx = idx.to(torch.int64).reshape(-1)
+        if idx.numel() == 0:
+            raise FlashInputError("index selects no sample")
+        if bool((idx < -self._batch_size).any()) or bool((idx >= self._batch_size).any()):
+            raise FlashInputError(f"index out of range for batch size {self._batch_size}: {idx.tolist()}")
+        return idx % self._batch_size
+
+    def _check_input(self, x: torch.Tensor, name: str) -> None:
+        """Rank 4, floating, finite, matching channel count and batch size (never broadcast)."""
+        if not isinstance(x, torch.Tensor):
+            raise FlashInputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise FlashInputError(f"{name} must have rank 4 (B, C, H, W), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise FlashInputError(f"{name} must have a floating dtype, got {x.dtype}")
+        if self.channels is not None and x.shape[1] != self.channels:
+            raise FlashInputError(f"{name} must have {self.channels} channel(s) for {type(self).__name__}, got shape {tuple(x.shape)}")
+        if self._batch_size is not None and x.shape[0] != self._batch_size:
+            raise FlashInputError(
+                f"{name} has batch length {x.shape[0]} but {type(self).__name__} holds parameters for "
+                f"B={self._batch_size} samples (use .select(...) for a subset; nothing is broadcast)"
+            )
+        if not bool(torch.isfinite(x).all()):
+            raise FlashInputError(f"{name} contains NaN or Inf")
+
+
+class BaseLinearOperator(BaseOperator):
+    """A linear operator with its true adjoint ``A*``: ``<A u, v> = <u, A* v>``.
+
+    The default `_adjoint` is the exact vector-Jacobian product of the linear forward map:
+    for linear ``A``, ``∂<A(x), y>/∂x = Aᵀ y`` at any ``x`` (here ``x = 0``). It is itself
+    differentiable in ``y`` (``create_graph`` when ``y`` requires grad) and works under
+    ``torch.no_grad``. Subclasses with a cheap explicit formula override it.
+    """
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """``A* y`` for ``y`` of the shape of ``forward``'s output."""
+        self._check_input(y, "y")
+        return self._adjoint(y)
+
+    def _adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x0 = torch.zeros_like(y, requires_grad=True)
+            out = self._apply(x0)
+            (grad,) = torch.autograd.grad(out, x0, grad_outputs=y, create_graph=y.requires_grad)
+        return grad
+
+
+def adjointness_error(
+    op: BaseLinearOperator,
+    shape: Sequence[int],
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> float:
+    """Relative adjointness error ``|<A u, v> − <u, A* v>| / (‖A u‖‖v‖ + ‖u‖‖A* v‖)`` for random
+    ``u, v`` of ``shape`` (the operator's input shape, outputs assumed of the same shape)."""
+    shape = tuple(shape)
+    u = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+    v = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+    au, atv = op.forward(u), op.adjoint(v)
+    lhs, rhs = (au * v).sum(), (u * atv).sum()
+    scale = au.norm() * v.norm() + u.norm() * atv.norm()
+    return float((lhs - rhs).abs() / scale.clamp_min(torch.finfo(dtype).tiny))
