@@ -1,0 +1,4 @@
+"""Adapters for third-party solver implementations; one module per upstream.
+
+Installed as ``flash_plugin.adapters`` (never as a top-level ``adapters`` module).
+"""

@@ -1,0 +1,207 @@
+"""Packaging: pyproject lists every package, the wheel installs `flash_plugin.adapters` /
+`flash_plugin.conformance` (never top-level `adapters` / `conformance`), README and CI agree."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tomllib
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+SETUPTOOLS = PYPROJECT["tool"]["setuptools"]
+MAPPED = {"flash_plugin.adapters": "adapters", "flash_plugin.conformance": "conformance"}
+SKIP_DIRS = {"__pycache__", ".git", ".data", ".whl", "runs", "build", "dist", ".venv", "out", ".pytest_cache", ".hypothesis"}
+
+
+def package_dir(package: str) -> Path:
+    """Source directory of ``package`` under pyproject's package-dir mapping (longest prefix wins)."""
+    mapping = SETUPTOOLS["package-dir"]
+    parts = package.split(".")
+    for i in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in mapping:
+            return REPO / mapping[prefix] / Path(*parts[i:])
+    return REPO / Path(*parts)
+
+
+def source_packages(repo: Path = REPO) -> dict[str, Path]:
+    """Every directory holding Python files under flash_plugin/, adapters/, conformance/."""
+    found = {}
+    for package, root in [("flash_plugin", repo / "flash_plugin"), *((p, repo / d) for p, d in MAPPED.items())]:
+        for directory, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]
+            if any(f.endswith(".py") for f in filenames):
+                rel = Path(directory).relative_to(root)
+                found[".".join([package, *rel.parts])] = Path(directory)
+    return found
+
+
+def test_pyproject_lists_every_package():
+    listed = set(SETUPTOOLS["packages"])
+    missing = sorted(set(source_packages()) - listed)
+    assert not missing, f"add {missing} to [tool.setuptools] packages in pyproject.toml (a wheel would lack them)"
+    absent = sorted(p for p in listed if not package_dir(p).is_dir())
+    assert not absent, f"pyproject.toml lists packages without a directory: {absent}"
+    assert {p: SETUPTOOLS["package-dir"][p] for p in MAPPED} == MAPPED
+
+
+def test_no_top_level_adapters_or_conformance_imports():
+    pattern = re.compile(r"^\s*(from|import)\s+(adapters|conformance)\b", re.MULTILINE)
+    offenders = []
+    for directory, dirnames, filenames in os.walk(REPO):
+        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and not d.endswith(".egg-info")]
+        for name in filenames:
+            if name.endswith(".py"):
+                path = Path(directory) / name
+                if pattern.search(path.read_text(encoding="utf-8", errors="replace")):
+                    offenders.append(str(path.relative_to(REPO)))
+    assert not offenders, f"import flash_plugin.adapters / flash_plugin.conformance instead, in {offenders}"
+
+
+def test_pytest_plugin_entry_point_matches_the_module():
+    module_exists = (REPO / "conformance" / "pytest_plugin.py").is_file()
+    declared = PYPROJECT["project"].get("entry-points", {}).get("pytest11", {})
+    if module_exists:
+        assert "flash_plugin.conformance.pytest_plugin" in declared.values(), (
+            "conformance/pytest_plugin.py exists: declare it under [project.entry-points.pytest11] in pyproject.toml"
+        )
+    else:
+        assert not declared, "pytest11 entry point declared but conformance/pytest_plugin.py does not exist"
+
+
+def test_console_script_and_extras():
+    assert PYPROJECT["project"]["scripts"] == {"flash-plugin": "flash_plugin.cli:main"}
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert {"pytest", "hypothesis"} <= {re.split(r"[<>=!~ \[]", r)[0] for r in extras["test"]}
+
+
+def test_readme_shows_the_command_ci_runs():
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    [command] = re.findall(r"^TEST_COMMAND='(.+)'$", ci, re.MULTILINE)
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert f"\n{command}\n" in readme, f"README.md must show the test command CI runs: {command}"
+    assert command.startswith("pip install torch==2.13.0 && ")
+    assert os.access(REPO / ".ci" / "run", os.X_OK)
+    assert "set -euo pipefail" in ci and '"$status" -eq 5' in ci
+
+
+# --- build and install --------------------------------------------------------------------------
+
+CHECK_INSTALLED = r"""
+import importlib, json, sys
+from pathlib import Path
+import flash_plugin, flash_plugin.adapters, flash_plugin.conformance, flash_plugin.cli
+out = {"flash_plugin": flash_plugin.__file__, "adapters": flash_plugin.adapters.__file__,
+       "conformance": flash_plugin.conformance.__file__, "top_level": {}}
+for name in ("adapters", "conformance"):
+    try:
+        importlib.import_module(name)
+        out["top_level"][name] = "importable"
+    except ModuleNotFoundError:
+        out["top_level"][name] = "missing"
+print(json.dumps(out))
+"""
+
+
+def copy_source(dest: Path) -> Path:
+    def ignore(directory, names):
+        return [n for n in names if n in SKIP_DIRS or n.endswith(".egg-info")]
+
+    shutil.copytree(REPO, dest, ignore=ignore)
+    return dest
+
+
+def make_venv(path: Path) -> tuple[Path, Path]:
+    """A venv without pip that sees this interpreter's packages (torch, ...) *after* its own."""
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(path)
+    python = path / "bin" / "python"
+    site = run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip()
+    return python, Path(site)
+
+
+def add_parent_site_packages(site: Path) -> None:
+    # Lines of a .pth are appended to sys.path; .pth files *inside* those directories are not
+    # executed, so this interpreter's own (editable) flash-plugin finder does not leak in.
+    paths = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    (site / "zz_parent_site.pth").write_text("\n".join(sorted(paths)) + "\n")
+
+
+def run(*cmd, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
+    assert result.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def pip(*args: str, python: Path) -> None:
+    run(sys.executable, "-m", "pip", "--python", python, "--disable-pip-version-check", "--no-input", "-q", *args)
+
+
+def run_check(python: Path, cwd: Path) -> dict:
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    return json.loads(run(python, "-c", CHECK_INSTALLED, cwd=cwd, env=env).stdout)
+
+
+def test_wheel_installs_packages_inside_flash_plugin(tmp_path):
+    src = copy_source(tmp_path / "src")
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+        "--disable-pip-version-check", "-q", "-w", tmp_path / "dist", src)
+    [wheel] = (tmp_path / "dist").glob("flash_plugin-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names}
+    assert not top & {"adapters", "conformance"}, top
+    assert {"flash_plugin/adapters/__init__.py", "flash_plugin/conformance/__init__.py"} <= set(names)
+    missing = []
+    for package, directory in source_packages(src).items():
+        for py in directory.glob("*.py"):
+            arcname = "/".join([*package.split("."), py.name])
+            if arcname not in names:
+                missing.append(arcname)
+    for path in (src / "flash_plugin" / "weights").rglob("*"):
+        if path.is_file() and "__pycache__" not in path.parts:
+            arcname = path.relative_to(src).as_posix()
+            if arcname not in names:
+                missing.append(arcname)
+    assert not missing, f"the wheel lacks {missing}"
+    [entry_points] = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    assert "flash-plugin = flash_plugin.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+    python, site = make_venv(tmp_path / "venv")
+    pip("install", "--no-deps", "--no-index", wheel, python=python)
+    add_parent_site_packages(site)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = run_check(python, elsewhere)
+    assert out["top_level"] == {"adapters": "missing", "conformance": "missing"}
+    for key in ("flash_plugin", "adapters", "conformance"):
+        assert Path(out[key]).is_relative_to(site), out
+    cli = run(python.parent / "flash-plugin", "plugins", "--json", cwd=elsewhere)
+    assert '"fashion-mnist-32"' in cli.stdout
+
+
+def test_editable_install_maps_the_folders(tmp_path):
+    src = copy_source(tmp_path / "src")
+    # Build the editable wheel with this interpreter's setuptools (PEP 660), as pip would.
+    build = "import sys, setuptools.build_meta as b; print(b.build_editable(sys.argv[1]))"
+    name = run(sys.executable, "-c", build, tmp_path / "dist", cwd=src).stdout.strip().splitlines()[-1]
+    python, site = make_venv(tmp_path / "venv")
+    pip("install", "--no-deps", "--no-index", tmp_path / "dist" / name, python=python)
+    add_parent_site_packages(site)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = run_check(python, elsewhere)
+    assert out["top_level"] == {"adapters": "missing", "conformance": "missing"}
+    assert Path(out["flash_plugin"]) == src / "flash_plugin" / "__init__.py"
+    assert Path(out["adapters"]) == src / "adapters" / "__init__.py"
+    assert Path(out["conformance"]) == src / "conformance" / "__init__.py"
