@@ -1,0 +1,58 @@
+"""Degradation operators ``y = A(x) + σ_y n`` on images ``(B, C, H, W)`` in ``[-1, 1]``.
+
+Families (one module each): `GaussianBlur`, `RandomInpainting`, `NonlinearBlur` (weight-free
+camera shake), `KernelWizardBlur` (the paper's bkse blur, for users with its weights) and
+`GaussianNoise`; the paper's tasks as data in `PRESETS` (`TaskPreset`). All share `BaseOperator`
+(validation, per-sample parameters, `select`, `to`, noise from the caller's generator); the linear
+ones have a true `adjoint` (`BaseLinearOperator`).
+
+Registered with the plugin manager through `flash_register_operators` (this module is a builtin
+plugin): operator classes and presets are both factories returning an operator.
+"""
+
+from flash_plugin.markers import hookimpl
+from flash_plugin.operators.base import BaseLinearOperator, BaseOperator, GeneratorLike, adjointness_error, check_severity
+from flash_plugin.operators.gaussian_blur import GaussianBlur
+from flash_plugin.operators.inpainting import RandomInpainting
+from flash_plugin.operators.kernel_wizard import KernelWizard, KernelWizardBlur, KernelWizardConfig, convert_bkse_checkpoint
+from flash_plugin.operators.noise import GaussianNoise
+from flash_plugin.operators.nonlinear_blur import NonlinearBlur
+from flash_plugin.operators.presets import PRESETS, TaskPreset, get_preset
+
+OPERATOR_CLASSES = {
+    "gaussian-blur": GaussianBlur,
+    "inpainting": RandomInpainting,
+    "motion-blur": NonlinearBlur,
+    "kernel-wizard": KernelWizardBlur,
+    "gaussian-noise": GaussianNoise,
+}
+
+__all__ = [
+    "BaseLinearOperator",
+    "BaseOperator",
+    "GaussianBlur",
+    "GaussianNoise",
+    "GeneratorLike",
+    "KernelWizard",
+    "KernelWizardBlur",
+    "KernelWizardConfig",
+    "NonlinearBlur",
+    "OPERATOR_CLASSES",
+    "PRESETS",
+    "RandomInpainting",
+    "TaskPreset",
+    "adjointness_error",
+    "check_severity",
+    "convert_bkse_checkpoint",
+    "flash_register_operators",
+    "get_preset",
+]
+
+
+@hookimpl
+def flash_register_operators(register):
+    """Register the built-in operator families (classes) and the paper's task presets."""
+    for name, cls in OPERATOR_CLASSES.items():
+        register(name, cls)
+    for name, preset in PRESETS.items():
+        register(name, preset)
