@@ -23,6 +23,11 @@ from collections.abc import Sequence
 from flash_plugin.errors import FlashError
 
 SUBCOMMAND_MODULES: list[str] = [
+    "flash_plugin.commands.demo",
+    "flash_plugin.commands.bench",
+    "flash_plugin.commands.train_severity",
+    "flash_plugin.commands.eval_severity",
+    "flash_plugin.commands.check",
     "flash_plugin.commands.plugins",
 ]
 """Modules that each add one subcommand (see the module docstring); others append to this list."""
