@@ -2,8 +2,8 @@
 
 Reproduce the shipped weights (seeds and step counts are in the model card)::
 
-    python -m flash_plugin.models.train_default ae   --out runs/default --steps 15000 --seed 0
-    python -m flash_plugin.models.train_default unet --out runs/default --steps 30000 --seed 0
+    python -m flash_plugin.models.train_default ae   --out runs/default --device cuda --steps 10000 --batch-size 256 --max-minutes 2.6
+    python -m flash_plugin.models.train_default unet --out runs/default --device cuda --steps 30000 --batch-size 512 --max-minutes 4.8
     python -m flash_plugin.models.train_default export --out runs/default --dest flash_plugin/weights/fashion-mnist-32
 
 Every stage checkpoints to ``<out>/<stage>/state.safetensors`` (atomic) every ``--ckpt-every``
@@ -214,9 +214,26 @@ def train_unet(args) -> None:
     print(json.dumps(s), file=sys.stderr)
 
 
+def export(args) -> None:
+    """Write the trained AE + EMA UNet as a `LatentDiffusion` directory (``--dest``)."""
+    from diffusers import AutoencoderKL, UNet2DModel
+
+    from flash_plugin.models.latent_diffusion import LatentDiffusion
+
+    ae_dir, unet_dir = Path(args.out) / "ae", Path(args.out) / "unet"
+    stats = json.loads((ae_dir / "summary.json").read_text())
+    ae = AutoencoderKL.from_pretrained(ae_dir / "model", low_cpu_mem_usage=False)
+    unet = UNet2DModel.from_pretrained(unet_dir / "model_ema", low_cpu_mem_usage=False)
+    ld = LatentDiffusion(ae, unet, arch.ldm_alphas_cumprod(), latent_mean=stats["latent_mean"], latent_std=stats["latent_std"],
+                         name="fashion-mnist-32")
+    ld.save_pretrained(args.dest)
+    print(f"exported to {args.dest} (latent_id {ld.latent_id})", file=sys.stderr)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["ae", "unet"])
+    p.add_argument("stage", choices=["ae", "unet", "export"])
+    p.add_argument("--dest", default="flash_plugin/weights/fashion-mnist-32", help="export: target directory")
     p.add_argument("--out", default="runs/default")
     p.add_argument("--data", default=None, help="directory with the Fashion-MNIST IDX files")
     p.add_argument("--device", default="cpu")
@@ -237,6 +254,8 @@ def main(argv=None) -> None:
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if args.stage == "export":
+        return export(args)
     defaults = {"ae": (15000, 128, 1e-3), "unet": (30000, 256, 3e-4)}[args.stage]
     args.steps = defaults[0] if args.steps is None else args.steps
     args.batch_size = defaults[1] if args.batch_size is None else args.batch_size
