@@ -330,6 +330,17 @@ def test_no_autograd_graph_and_model_untouched(tiny, name, capsys):
     assert capsys.readouterr().out == ""
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_guided_solvers_work_under_no_grad(oracle, name):
+    """Guidance takes its own gradients: a solve inside ``torch.no_grad()`` is the same solve."""
+    _, op, y = oracle_problem(oracle, b=2)
+    solver = guided(name, oracle, 12, inner_steps=4, dc_every=3)
+    ref = solver.solve(y, op, generator=gens([0, 1]))
+    with torch.no_grad():
+        sol = solver.solve(y, op, generator=gens([0, 1]))
+    assert torch.equal(sol.x, ref.x) and not sol.x.requires_grad
+
+
 # ---- operator capabilities -----------------------------------------------------------------------
 def test_psld_refuses_an_operator_without_adjoint(oracle):
     _, op, y = oracle_problem(oracle)

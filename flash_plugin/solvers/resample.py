@@ -29,11 +29,11 @@ in a simplified form. Both are available here:
         z_{k−1} ~ N((σ² sqrt(ᾱ_{k−1}) z0* + (1 − ᾱ_{k−1}) z'_{k−1}) / (σ² + 1 − ᾱ_{k−1}),
                     σ² (1 − ᾱ_{k−1}) / (σ² + 1 − ᾱ_{k−1}) · I)
 
-    (at ``k = 1``, ``ᾱ_0 = 1``: ``z_0 = z0*``). Deliberate differences from the Flash code, which
-    counts DC steps and phases on the *truncated* list of a late start: here both the ``dc_every``
-    grid and the stage boundaries are absolute (in ``k`` and ``t``), so a solve started at ``k``
-    performs exactly the DC events of the full solve restricted to its last ``k`` steps, and a
-    late start never shifts them. The resampling mixture uses ``ᾱ`` of the target level
+    (at ``k = 1``, ``ᾱ_0 = 1``: ``z_0 = z0*``). Deliberate difference from the Flash code, which
+    counts its every-10th DC steps along the *truncated* list of a late start: here the
+    ``dc_every`` grid is absolute in ``k`` (as the stages are in ``t``), so a solve started at
+    ``k`` performs exactly the DC events of the full solve restricted to its last ``k`` steps,
+    and a late start never shifts them (for a full solve both agree). The resampling mixture uses ``ᾱ`` of the target level
     ``k − 1`` (so that ``z_{k−1}`` has the marginal of its level); flash-algorithm.md writes
     ``ᾱ_t`` there, two train steps away on the 500-step grid.
 
@@ -345,9 +345,9 @@ class ReSample(CountingSolver):
         mean = cfg.reduction == "mean"
         it = 0
         while it < cfg.max_iters:
-            full = len(active) == batch
-            va = (v if full else v[active]).detach().requires_grad_(True)
-            with torch.enable_grad():
+            with torch.enable_grad():  # also under a caller's no_grad: the DC takes its own gradients
+                full = len(active) == batch
+                va = (v if full else v[active]).detach().requires_grad_(True)
                 pred = va if render is None else render(va)
                 res = (op.forward(pred) - y_a).flatten(1)
                 data = res.pow(2).sum(1)
@@ -356,28 +356,28 @@ class ReSample(CountingSolver):
                 if cfg.prox_weight > 0:
                     d2 = (va - anchor_a).flatten(1).pow(2)
                     loss = loss + cfg.prox_weight * (d2.mean(1) if mean else d2.sum(1))
-            stop = (mse <= thr_a) if cfg.stop_at_noise else (mse < thr_a)
-            if history is not None:
-                history[it, active] = loss.detach()
-                if it >= cfg.patience:
-                    stop |= loss.detach() > history[it - cfg.patience, active]
-            n_stop = int(stop.sum())
-            if n_stop:
-                gone = active[stop]
-                evals[gone], updates[gone] = it + 1, it
-                if n_stop == len(active):
-                    active = active[:0]
-                    break
-                keep = ~stop
-                (grad,) = torch.autograd.grad(loss[keep].sum(), va, allow_unused=True)
-                grad = torch.zeros_like(va) if grad is None else grad
-                active, grad = active[keep], grad[keep]
-                op = select_operator(operator, active, batch)
-                y_a, anchor_a, thr_a = y[active], anchor[active], threshold[active].to(v.dtype)
-                full = False
-            else:
-                (grad,) = torch.autograd.grad(loss.sum(), va, allow_unused=True)
-                grad = torch.zeros_like(va) if grad is None else grad
+                stop = (mse <= thr_a) if cfg.stop_at_noise else (mse < thr_a)
+                if history is not None:
+                    history[it, active] = loss.detach()
+                    if it >= cfg.patience:
+                        stop |= loss.detach() > history[it - cfg.patience, active]
+                n_stop = int(stop.sum())
+                if n_stop:
+                    gone = active[stop]
+                    evals[gone], updates[gone] = it + 1, it
+                    if n_stop == len(active):
+                        active = active[:0]
+                        break
+                    keep = ~stop
+                    (grad,) = torch.autograd.grad(loss[keep].sum(), va, allow_unused=True)
+                    grad = torch.zeros_like(va) if grad is None else grad
+                    active, grad = active[keep], grad[keep]
+                    op = select_operator(operator, active, batch)
+                    y_a, anchor_a, thr_a = y[active], anchor[active], threshold[active].to(v.dtype)
+                    full = False
+                else:
+                    (grad,) = torch.autograd.grad(loss.sum(), va, allow_unused=True)
+                    grad = torch.zeros_like(va) if grad is None else grad
             it += 1
             with torch.no_grad():  # Adam(W), exactly torch.optim.Adam(W)'s update, restricted to `active`
                 mk, sk, vk = (m, s, v) if full else (m[active], s[active], v[active])
