@@ -1,0 +1,1 @@
+"""Benchmarks: scripts (``python -m flash_plugin.bench.<name>``), not tests."""
