@@ -33,6 +33,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--progress", action="store_true", help="show a progress bar per solve")
+    p.add_argument("--num-steps", type=int, default=None,
+                   help="override the solver's number of steps N (default: its paper setting, 1000 for Latent-DPS); for smoke tests")
     p.set_defaults(func=run)
 
 
@@ -69,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         clean = images[j * n : (j + 1) * n]
         print(f"[demo] {task}: {n} image(s), Latent-DPS from noise vs Flash ...", file=sys.stderr, flush=True)
         runs.append(run_task(task, model_set, clean, severities_for(preset, n).to(args.device), solver_name=args.solver,
-                             seed=args.seed, progress=args.progress))
+                             seed=args.seed, progress=args.progress,
+                             solver_overrides=None if args.num_steps is None else {"num_steps": args.num_steps}))
 
     rows = []
     header = f"{'task':<18} {'method':<10} {'PSNR':>6} {'SSIM':>6} {'NFE':>7} {'wall s':>7} {'speed-up':>8}"

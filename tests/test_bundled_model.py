@@ -1,0 +1,92 @@
+"""The bundled default model: integrity, metadata, an end-to-end Flash reconstruction, the demo."""
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from flash_plugin.models import DEFAULT_MODEL_DIR, load_default_model, load_test_images
+
+FAMILIES = ["gblur-varying", "nonlinear-blur", "random-inpainting"]
+
+
+def test_weights_match_the_manifest():
+    manifest = (DEFAULT_MODEL_DIR / "MANIFEST.sha256").read_text().split("\n")
+    entries = [line.split() for line in manifest if line.strip()]
+    assert len(entries) >= 8
+    for digest, rel in entries:
+        data = (DEFAULT_MODEL_DIR / rel).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == digest, f"{rel} differs from MANIFEST.sha256"
+
+
+def test_bundle_metadata_and_latent_space():
+    bundle = load_default_model()
+    ld = bundle.latent_diffusion
+    assert ld.latent_shape == (4, 8, 8) and ld.image_shape == (1, 32, 32)
+    assert len(ld.alphas_cumprod) == 1000
+    assert bundle.severity_families() == FAMILIES
+    for fam in FAMILIES:
+        enc = bundle.severity_encoder(fam)
+        assert enc.metadata["latent_id"] == ld.latent_id
+        assert enc.metadata["operator"] == fam
+    total = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.rglob("*.safetensors"))
+    assert total < 30 * 2**20, f"bundled weights are {total / 2**20:.1f} MiB (limit 30)"
+
+
+def test_registry_loads_the_bundle():
+    from flash_plugin.registry import get_model
+
+    assert get_model("fashion-mnist-32") is load_default_model
+
+
+def test_readme_quick_example_runs_and_flash_is_adaptive():
+    """The README's quick example, verbatim, with a check of what it promises."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## Quick example\s+```python\n(.*?)```", readme, re.S).group(1)
+    ns: dict = {}
+    exec(compile(block, "README quick example", "exec"), ns)  # noqa: S102 - our own README
+    sol, x = ns["solution"], ns["x"]
+    assert sol.x.shape == x.shape and torch.all(torch.isfinite(sol.x))
+    assert torch.equal(sol.nfe, sol.start_step)
+    assert sol.start_step.max() < 1000 and sol.start_step.min() >= 1
+    # more blur -> larger σ̂² and no earlier start (severities 0.1 ... 1.0 in the example)
+    assert sol.severity[-1] > sol.severity[0] and sol.start_step[-1] >= sol.start_step[0]
+
+
+def test_flash_end_to_end_beats_the_measurement():
+    from flash_plugin import FlashConfig, flash
+    from flash_plugin.metrics import psnr
+    from flash_plugin.operators import get_preset
+    from flash_plugin.solvers import LatentDPS
+
+    bundle = load_default_model()
+    x, _ = load_test_images()
+    x = x[8:12]
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    op = get_preset("random-inpainting").make(torch.full((4,), 0.9), gens)
+    y = op.measure(x, gens)
+    solver = flash(LatentDPS(bundle.latent_diffusion, zeta=7.0), bundle.severity_encoder("random-inpainting"), FlashConfig(noise_correction=1.2))
+    sol = solver(y, op, generator=gens)
+    assert psnr(sol.x, x).mean() > psnr(y.clamp(-1, 1), x).mean() + 5.0
+
+
+def test_demo_quick_writes_its_files(tmp_path):
+    from flash_plugin.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--num-steps", "40"]) == 0
+    for name in ("reconstructions.png", "severity_scatter.png", "results.json"):
+        assert (out / name).stat().st_size > 1000 or name == "results.json"
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"baseline", "flash", "ae"}
+    assert all(r["mean_nfe"] == 40 for r in rows if r["method"] == "baseline")
+
+
+@pytest.mark.slow
+def test_demo_quick_with_default_steps(tmp_path):
+    from flash_plugin.cli import main
+
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
