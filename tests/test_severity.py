@@ -259,6 +259,19 @@ def test_one_training_step_lowers_the_loss_on_a_fixed_batch(tiny_model):
     assert after < before, (before, after)
 
 
+def test_head_learning_rate_is_its_own_parameter_group(tiny_model):
+    from flash_plugin.severity.train import make_optimizer
+
+    enc = SeverityEncoder.from_latent_diffusion(tiny_model, head_channels=8)
+    assert len(make_optimizer(enc, tiny_config()).param_groups) == 1
+    opt = make_optimizer(enc, tiny_config(lr=1e-4, head_lr=1e-2))
+    trunk, head = opt.param_groups
+    assert (trunk["lr"], head["lr"]) == (1e-4, 1e-2)
+    head_ids = {id(p) for p in head["params"]}
+    assert head_ids == {id(p) for p in enc.head.parameters()} | {id(enc.log_variance_offset)}
+    assert len(trunk["params"]) + len(head["params"]) == len(list(enc.parameters()))
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
@@ -468,7 +481,7 @@ def test_evaluate_reports_start_steps_on_the_model_schedule(tiny_model):
     assert m["start_step"]["min"] == m["start_step"]["max"] == k.item() == 79
     assert rep.ordering_variances.shape == (4, 10) and m["n_ordering_images"] == 4
     assert m["task_range"]["severity_range"] == [0.5, 1.0]
-    json.dumps(rep.to_dict())  # JSON-serialisable
+    json.dumps(rep.to_dict(), allow_nan=False)  # strict JSON
 
 
 # ----------------------------------------------------------------------------------------------

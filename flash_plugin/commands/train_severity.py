@@ -47,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps-per-epoch", type=int, default=None, help="default: one pass over the training images")
     p.add_argument("--batch-size", type=int, default=32, help="global batch (over all DDP processes)")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--head-lr", type=float, default=None, help="learning rate of the variance head (default: --lr)")
     p.add_argument("--lambda-sigma", type=float, default=1.0)
     p.add_argument("--lambda-img", type=float, default=1.0)
     p.add_argument("--variance-loss", default="log", choices=("log", "relative", "official"))
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     preset = load_preset(args.operator, model, args.noise_std)
     train, val, ev = load_images(args.data, model, train_limit=args.train_limit, val_size=args.val_size, eval_size=args.eval_size)
     config = TrainConfig(
-        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, lr=args.lr,
+        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
         lambda_sigma=args.lambda_sigma, lambda_img=args.lambda_img, variance_loss=args.variance_loss,
         detach_target_variance=args.detach_target_variance, grad_clip=args.grad_clip, head_channels=args.head_channels,
         seed=args.seed, patience=args.patience or None, max_minutes=args.max_minutes, max_steps=args.max_steps,

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from flash_plugin.severity.train import measure, pearson, spearman, stream_generator
+from flash_plugin.severity.train import finite_or_none, measure, pearson, spearman, stream_generator
 
 __all__ = [
     "SeverityReport",
@@ -99,7 +99,8 @@ class SeverityReport:
     info: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.info, "metrics": self.metrics}
+        """Info and metrics as strict JSON (NaN -> None)."""
+        return finite_or_none({**self.info, "metrics": self.metrics})
 
 
 def _schedule_for(model, num_steps: int | None):

@@ -100,6 +100,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None
     batch_size: int = 32
     lr: float = 1e-4
+    head_lr: float | None = None
     weight_decay: float = 0.0
     lambda_sigma: float = 1.0
     lambda_img: float = 1.0
@@ -118,7 +119,7 @@ class TrainConfig:
     log_every: int = 50
 
     # fields that determine the trajectory: a resume must not change them
-    _TRAJECTORY = ("steps_per_epoch", "batch_size", "lr", "weight_decay", "lambda_sigma", "lambda_img", "variance_loss",
+    _TRAJECTORY = ("steps_per_epoch", "batch_size", "lr", "head_lr", "weight_decay", "lambda_sigma", "lambda_img", "variance_loss",
                    "detach_target_variance", "grad_clip", "head_channels", "init_variance", "seed", "val_batch_size")
 
     def __post_init__(self) -> None:
@@ -129,6 +130,8 @@ class TrainConfig:
                 raise FlashInputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise FlashInputError(f"steps_per_epoch must be >= 1 or None, got {self.steps_per_epoch}")
+        if self.head_lr is not None and not self.head_lr > 0:
+            raise FlashInputError(f"head_lr must be > 0 or None, got {self.head_lr}")
         if not (self.lr > 0 and self.lambda_sigma >= 0 and self.lambda_img >= 0 and self.weight_decay >= 0):
             raise FlashInputError("need lr > 0 and lambda_sigma, lambda_img, weight_decay >= 0")
         if self.init_variance != "auto" and not (isinstance(self.init_variance, (int, float)) and self.init_variance > 0):
@@ -224,6 +227,20 @@ def compute_losses(encoder, model, x: torch.Tensor, y: torch.Tensor, config: Tra
         variance_loss=config.variance_loss, detach_target_variance=config.detach_target_variance,
         variance_reference=variance_reference,
     )
+
+
+def make_optimizer(encoder: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam over the encoder's trainable parameters; the variance head (``head.*`` and
+    ``log_variance_offset``) gets ``config.head_lr`` when set (it starts from zero, the trunk from
+    the pretrained autoencoder)."""
+    head, trunk = [], []
+    for name, p in encoder.named_parameters():
+        if p.requires_grad:
+            (head if name.startswith("head.") or name == "log_variance_offset" else trunk).append(p)
+    if config.head_lr is None or not head:
+        return torch.optim.Adam(trunk + head, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.Adam([{"params": trunk, "lr": config.lr}, {"params": head, "lr": config.head_lr}],
+                            lr=config.lr, weight_decay=config.weight_decay)
 
 
 def training_step(net, model, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer, config: TrainConfig,
@@ -463,9 +480,20 @@ def _family_facts(family) -> dict[str, Any]:
     }
 
 
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None`` (strict JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
 def _append_log(path: Path, record: dict) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(finite_or_none(record)) + "\n")
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -558,7 +586,7 @@ def _train_loop(model, family, encoder, train_images, val_images, out, config, d
     local = config.batch_size // world
     lo_idx, hi_idx = dist_info.rank * local, (dist_info.rank + 1) * local
     spe = config.steps_per_epoch or max(1, len(train_images) // config.batch_size)
-    optimizer = torch.optim.Adam([p for p in encoder.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(encoder, config)
     val = make_validation_set(family, val_images, seed=config.seed, batch_size=config.val_batch_size, device=device)
 
     step, best, bad_epochs, history, elapsed_before = 0, None, 0, [], 0.0
@@ -613,7 +641,7 @@ def _train_loop(model, family, encoder, train_images, val_images, out, config, d
     budget_s = None if config.max_minutes is None else config.max_minutes * 60.0
 
     def meta(reason=None) -> dict:
-        return {"config": config.to_dict(), "best_val_loss": best, "bad_epochs": bad_epochs, "history": history,
+        return {"config": config.to_dict(), "best_val_loss": best, "bad_epochs": bad_epochs, "history": finite_or_none(history),
                 "variance_reference": variance_reference, "elapsed_s": elapsed_before + time.time() - t0,
                 "latent_id": getattr(model, "latent_id", None), "stop_reason": reason, **facts}
 
