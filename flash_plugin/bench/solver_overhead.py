@@ -19,7 +19,6 @@ thousand parameters), a worst case for the share outside. ``--model default``: t
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from typing import Any, Callable
 
