@@ -90,3 +90,18 @@ def test_demo_quick_with_default_steps(tmp_path):
     from flash_plugin.cli import main
 
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+
+
+def test_bench_reports_paired_differences(tmp_path):
+    from flash_plugin.cli import main
+
+    assert main(["bench", "--n-images", "3", "--batch-size", "3", "--num-steps", "10", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "bench_gblur-varying_latent-dps.json").read_text())
+    assert set(res["methods"]) == {"baseline", "flash", "ae"}
+    assert res["methods"]["baseline"]["mean_nfe"] == 10 and res["methods"]["ae"]["mean_nfe"] == 0
+    assert res["methods"]["flash"]["mean_nfe"] == sum(res["start_steps"]) / 3
+    d = res["paired"]["flash-baseline:psnr"]
+    per = res["per_image"]
+    expected = sum(f["psnr"] - b["psnr"] for f, b in zip(per["flash"], per["baseline"])) / 3
+    assert d["n"] == 3 and abs(d["mean"] - expected) < 1e-9
+    assert all(v >= 0 for v in (res["methods"][m]["fd_fmnist"] for m in res["methods"]))
