@@ -99,10 +99,7 @@ class FlashSolver:
         """Estimate ``(ẑ, σ̂²)`` and build the per-sample start (consumes one normal draw per sample)."""
         est = self.estimate(y)
         sched, cfg = self.schedule, self.config
-        if cfg.force_step is not None:
-            from flash_plugin.schedule import check_variance
-
-            check_variance(est.variance)
+        if cfg.force_step is not None:  # σ̂² is still validated, by start_latent below
             step = torch.full((y.shape[0],), cfg.force_step, dtype=torch.long, device=y.device)
         else:
             step = select_start_step(sched, est.variance, min_step=cfg.min_step, max_step=cfg.max_step).to(y.device)
