@@ -243,6 +243,20 @@ def test_detach_target_variance_stops_the_gradient_into_the_mean(detach):
         assert gz.abs().max() > 0
 
 
+@pytest.mark.parametrize("detach", [True, False])
+def test_detach_head_features_keeps_the_head_out_of_the_trunk(tiny_model, detach):
+    enc = SeverityEncoder.from_latent_diffusion(tiny_model, head_channels=8)
+    with torch.no_grad():
+        enc.head.out.weight.normal_(0, 0.1)  # the zero-initialised output layer would hide the path
+    z, var = enc(make_images(2, seed=20), detach_head_features=detach)
+    z_ref, var_ref = enc(make_images(2, seed=20))
+    assert torch.equal(z, z_ref) and torch.equal(var, var_ref)  # same outputs, only the gradient differs
+    var.sum().backward()
+    assert enc.head.conv1.weight.grad.abs().max() > 0
+    trunk_grad = enc.encoder.mid_block.resnets[0].conv1.weight.grad
+    assert (trunk_grad is None) == detach
+
+
 def test_one_training_step_lowers_the_loss_on_a_fixed_batch(tiny_model):
     enc = SeverityEncoder.from_latent_diffusion(tiny_model, head_channels=8)
     cfg = tiny_config(lr=1e-3)

@@ -53,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variance-loss", default="log", choices=("log", "relative", "official"))
     p.add_argument("--no-detach-target-variance", dest="detach_target_variance", action="store_false",
                    help="let the variance term back-propagate through σ̄² (the official code)")
+    p.add_argument("--detach-head-features", action="store_true",
+                   help="the variance head does not back-propagate into the shared encoder trunk")
     p.add_argument("--grad-clip", type=float, default=None)
     p.add_argument("--head-channels", type=int, default=64)
     p.add_argument("--patience", type=int, default=10, help="epochs without improvement before stopping (0: never)")
@@ -123,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(
         epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
         lambda_sigma=args.lambda_sigma, lambda_img=args.lambda_img, variance_loss=args.variance_loss,
-        detach_target_variance=args.detach_target_variance, grad_clip=args.grad_clip, head_channels=args.head_channels,
+        detach_target_variance=args.detach_target_variance, detach_head_features=args.detach_head_features, grad_clip=args.grad_clip, head_channels=args.head_channels,
         seed=args.seed, patience=args.patience or None, max_minutes=args.max_minutes, max_steps=args.max_steps,
         device=args.device, progress=not args.quiet, log_every=args.log_every,
     )

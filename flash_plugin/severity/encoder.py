@@ -284,11 +284,14 @@ class SeverityEncoder(nn.Module):
             h = h[:, : h.shape[1] // 2]  # posterior mean (= latent_dist.mode())
         return h, f
 
-    def forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(ẑ, σ̂²)``: ``ẑ`` ``(B, C, h, w)`` in the normalised diffusion latent space, ``σ̂² > 0`` ``[B]``."""
+    def forward(self, y: torch.Tensor, *, detach_head_features: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ẑ, σ̂²)``: ``ẑ`` ``(B, C, h, w)`` in the normalised diffusion latent space, ``σ̂² > 0`` ``[B]``.
+
+        ``detach_head_features``: the head reads the mid-block features without back-propagating
+        into the shared trunk (training option; the outputs are the same)."""
         h, f = self.features(y)
         z = (h * self.scaling_factor - self.latent_mean) / self.latent_std
-        log_var = (self.log_variance_offset + self.head(f)).clamp(*LOG_VARIANCE_CLAMP)
+        log_var = (self.log_variance_offset + self.head(f.detach() if detach_head_features else f)).clamp(*LOG_VARIANCE_CLAMP)
         return z, log_var.exp()
 
     def check_measurement(self, y: Any) -> torch.Tensor:

@@ -258,6 +258,11 @@ def plot_severity(report: SeverityReport, path: str | Path, title: str | None = 
     ax.set_title(f"ordering accuracy {report.metrics['ordering_accuracy']:.3f}")
     ax.legend(loc="upper left", fontsize=8)
     st = report.metrics["start_step"]
+    from matplotlib.ticker import NullFormatter
+
+    for a in axes:  # log axes: no labels on minor ticks (they overlap on short ranges)
+        a.xaxis.set_minor_formatter(NullFormatter())
+        a.yaxis.set_minor_formatter(NullFormatter())
     fig.suptitle(title or (f"Severity encoding: {report.info.get('operator')} — start steps k* {st['min']}/{st['median']}/{st['max']} "
                            f"(min/median/max of N={st['num_steps']})"), fontsize=10)
     fig.tight_layout()
