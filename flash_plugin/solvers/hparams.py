@@ -20,8 +20,9 @@ with ``η = 1`` for the DPS family; DDIM-500, ``η = 1``, DC every 10 steps, λ 
 steps at lr 0.1 for ReSample) is the solver classes' default.
 
 `TUNED_HPARAMS` is the slot for values re-tuned on our default model (the bundled Fashion-MNIST
-LDM, whose 8×8 latent and operators differ from the paper's). **Nobody has tuned them yet: every
-entry is equal to the paper's.** Whoever tunes one replaces its entry here (and says how it was
+LDM, whose 8×8 latent and operators differ from the paper's). Latent-DPS's ζ has been re-tuned
+for Flash with `python -m flash_plugin.bench.tune` (see the comments there); GML-DPS, PSLD and
+ReSample still hold the paper's values. Whoever tunes one replaces its entry (and says how it was
 tuned in the comment next to it); `make_solver` uses this slot by default.
 """
 
@@ -91,8 +92,18 @@ PAPER_HPARAMS: dict[tuple[str, str], SolverHparams] = {
 }
 """The paper's official FFHQ values (flash-algorithm.md §9). Do not edit: tune in `TUNED_HPARAMS`."""
 
-TUNED_HPARAMS: dict[tuple[str, str], SolverHparams] = dict(PAPER_HPARAMS)
-"""Values re-tuned on our default model. Untuned so far: identical to `PAPER_HPARAMS`."""
+TUNED_HPARAMS: dict[tuple[str, str], SolverHparams] = {
+    **PAPER_HPARAMS,
+    # Latent-DPS ζ re-tuned for Flash(Latent-DPS) on the bundled fashion-mnist-32 model, on the first
+    # 16 Fashion-MNIST *training* images, grid ζ ∈ {0.05, 0.1, 0.2, 0.35, 0.5, 1, 2, 4, 7}, best mean PSNR:
+    #   python -m flash_plugin.bench.tune --n-images 16 --zetas 0.05 0.1 0.2 0.35 0.5 1 2 4 7
+    # (flash_plugin/weights/fashion-mnist-32/benchmarks/tune_latent-dps.json). c is the paper's.
+    ("latent-dps", "gblur-varying"): _H(zeta=0.5, noise_correction=1.2),  # 21.36 dB (paper ζ=1: 20.73)
+    ("latent-dps", "gblur-fixed"): _H(zeta=4.0, noise_correction=1.2),  # 17.93 dB (paper ζ=3 lies between 2: 17.89 and 4)
+    ("latent-dps", "nonlinear-blur"): _H(zeta=0.5, noise_correction=1.0),  # 25.40 dB (paper ζ=1: 23.21)
+    ("latent-dps", "random-inpainting"): _H(zeta=0.35, noise_correction=1.2),  # 20.13 dB (paper ζ=7: 15.41)
+}
+"""Values re-tuned on our default model: Latent-DPS only (above); every other entry is the paper's."""
 
 HparamSource = Literal["tuned", "paper"]
 
