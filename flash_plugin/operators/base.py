@@ -27,6 +27,7 @@ from typing import ClassVar, Union
 
 import torch
 
+from flash_plugin.utils.validation import check_nonnegative
 from flash_plugin.errors import FlashInputError
 
 GeneratorLike = Union[torch.Generator, Sequence[torch.Generator], None]
@@ -103,13 +104,7 @@ def check_severity(t, batch_size: int | None = None, name: str = "t") -> torch.T
 
 
 def _check_noise_std(noise_std) -> float:
-    try:
-        value = float(noise_std)
-    except (TypeError, ValueError):
-        raise FlashInputError(f"noise_std must be a number, got {noise_std!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise FlashInputError(f"noise_std must be finite and >= 0, got {value}")
-    return value
+    return check_nonnegative("noise_std", noise_std)
 
 
 def _check_range(pair, name: str, low: float = 0.0) -> tuple[float, float]:

@@ -34,11 +34,11 @@ step and sample; the final decode of the result is not counted), ``count_encoder
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
+from flash_plugin.utils.validation import check_nonnegative
 from flash_plugin.errors import FlashInputError
 from flash_plugin.solvers.base import ReverseDiffusionSolver, StepContext
 
@@ -46,13 +46,7 @@ from flash_plugin.solvers.base import ReverseDiffusionSolver, StepContext
 # ---- helpers shared by the guided solvers (also used by gml_dps, psld, resample) -------------
 def check_weight(name: str, value: float) -> float:
     """A guidance weight / step size: a finite number ``>= 0``."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise FlashInputError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise FlashInputError(f"{name} must be finite and >= 0, got {value!r}")
-    return v
+    return check_nonnegative(name, value)
 
 
 def per_sample_norm(r: torch.Tensor) -> torch.Tensor:
