@@ -139,3 +139,22 @@ def test_flash_solver_is_a_solver(oracle):
     assert isinstance(flashed, Solver) and isinstance(flashed, MixedStartSolver)
     start = StartPoint(torch.tensor([3]), torch.zeros(1, 2, 2, 2))
     assert flashed.solve(torch.zeros(1, 2, 2, 2), None, start=start).nfe.item() == 3
+
+
+def test_flash_of_a_guided_solver_under_inference_mode(oracle):
+    """A researcher's ``torch.inference_mode()`` block: same reconstruction as outside it."""
+    from flash_plugin.solvers import LatentDPS
+
+    class Identity:
+        def forward(self, x):
+            return x
+
+        def select(self, index):
+            return self
+
+    flashed = flash(LatentDPS(oracle, zeta=1.0, num_steps=50), FixedEstimator([0.01, 0.2]))
+    y = torch.randn(2, 2, 2, 2, generator=torch.Generator().manual_seed(3))
+    ref = flashed(y, Identity(), generator=gens([1, 2]))
+    with torch.inference_mode():
+        sol = flashed(y.clone(), Identity(), generator=gens([1, 2]))
+    assert torch.equal(sol.x, ref.x) and torch.equal(sol.nfe, ref.nfe) and sol.nfe.sum() > 0

@@ -341,6 +341,29 @@ def test_guided_solvers_work_under_no_grad(oracle, name):
     assert torch.equal(sol.x, ref.x) and not sol.x.requires_grad
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_guided_solvers_work_under_inference_mode(oracle, name):
+    """``torch.inference_mode()`` (measurement and start latent made inside it too) gives the same solve."""
+    _, op, y = oracle_problem(oracle, b=2)
+    solver = guided(name, oracle, 12, inner_steps=4, dc_every=3)
+    start = StartPoint(step=torch.tensor([12, 7]), latent=torch.randn((2, *SHAPE), generator=torch.Generator().manual_seed(5)))
+    ref = solver.solve(y, op, start=start, generator=gens([0, 1]))
+    with torch.inference_mode():
+        y_inf, z_inf = y.clone(), start.latent.clone()
+        assert y_inf.is_inference()
+        sol = solver.solve(y_inf, op, start=StartPoint(step=start.step, latent=z_inf), generator=gens([0, 1]))
+    assert torch.equal(sol.x, ref.x) and torch.equal(sol.nfe, ref.nfe)
+    assert not y_inf.requires_grad and y_inf.is_inference()  # the caller's tensors are left as they were
+
+
+def test_operator_made_under_inference_mode_gets_a_clear_error(oracle):
+    _, op, y = oracle_problem(oracle, b=2)
+    with torch.inference_mode():
+        op_inf = MaskOperator(op.mask.clone())
+        with pytest.raises(FlashInputError, match="inference_mode"):
+            LatentDPS(oracle, zeta=1.0, num_steps=5).solve(y, op_inf, generator=gens([0, 1]))
+
+
 # ---- operator capabilities -----------------------------------------------------------------------
 def test_psld_refuses_an_operator_without_adjoint(oracle):
     _, op, y = oracle_problem(oracle)

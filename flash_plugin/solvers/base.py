@@ -150,6 +150,22 @@ class ReverseDiffusionSolver:
         generator: GeneratorLike = None,
         callback: Callable[[int, torch.Tensor], None] | None = None,
     ) -> Solution:
+        if torch.is_inference_mode_enabled():
+            # Guidance takes gradients, which inference mode forbids for good (its tensors cannot
+            # be saved for backward): solve outside it, on ordinary copies of the inputs.
+            with torch.inference_mode(False):
+                if start is not None:
+                    start = StartPoint(step=start.step.clone(), latent=start.latent.clone())
+                try:
+                    return self.solve(y.clone() if isinstance(y, torch.Tensor) else y, operator, start=start,
+                                      generator=generator, callback=callback)
+                except RuntimeError as err:
+                    if "Inference tensors" not in str(err):
+                        raise
+                    raise FlashInputError(
+                        f"{type(self).__name__} needs gradients, but the operator or the model holds tensors made "
+                        "under torch.inference_mode(); create them outside it (torch.no_grad() is fine)"
+                    ) from err
         self.check_inputs(y, operator)
         batch = y.shape[0]
         check_generators(generator, batch)
