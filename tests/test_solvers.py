@@ -184,6 +184,19 @@ def test_guidance_fits_observed_pixels_on_noiseless_inpainting(oracle, name):
 
 
 # ---- NFE and timesteps --------------------------------------------------------------------------
+def expected_timesteps(solver, k):
+    """UNet timesteps of a solve started at ``k``: the schedule's last ``k`` in order, plus, for the
+    original ReSample, the time-travel calls after each DC step at level ``j`` (timesteps of the
+    levels ``j − 1, j − 2, ...``, at most ``time_travel`` of them)."""
+    ts = solver.schedule.timesteps
+    out = []
+    for j in range(k, 0, -1):
+        out.append(int(ts[j]))
+        if getattr(solver, "time_travel", 0) and solver.dc_stage(j) is not None:
+            out += [int(ts[j - 1 - i]) for i in range(min(solver.time_travel, j - 1))]
+    return out
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_start_at_k_makes_k_unet_calls_at_the_last_k_timesteps(oracle, name):
     _, op, y = oracle_problem(oracle, b=2)
@@ -194,16 +207,62 @@ def test_start_at_k_makes_k_unet_calls_at_the_last_k_timesteps(oracle, name):
         oracle.reset_calls()
         start = StartPoint(torch.full((2,), k), torch.randn((2, *SHAPE), generator=torch.Generator().manual_seed(k)))
         sol = solver.solve(y, op, start=start, generator=gens([0, 1]))
-        assert [c.tolist() for c in oracle.calls] == [[int(ts[j])] * 2 for j in range(k, 0, -1)]
-        assert sol.nfe.tolist() == [k, k]
+        assert [c.tolist() for c in oracle.calls] == [[t] * 2 for t in expected_timesteps(solver, k)]
+        if name == "resample-original":  # DC at levels 21 and 11 (positions 20, 10), 5 time-travel calls each
+            assert sol.nfe.tolist() == [k + 5 * ((k >= 21) + (k >= 11))] * 2
+            assert expected_timesteps(solver, 12)[:8] == [int(ts[j]) for j in (12, 11, 10, 9, 8, 7, 6, 10)]
+        else:
+            assert [c.tolist() for c in oracle.calls] == [[int(ts[j])] * 2 for j in range(k, 0, -1)]
+            assert sol.nfe.tolist() == [k, k]
     # mixed starts: every sample makes exactly its own number of calls
     oracle.reset_calls()
     starts = torch.tensor([9, 30, 0, 22])
     _, op4, y4 = oracle_problem(oracle, b=4)
     sol = solver.solve(y4, op4, start=StartPoint(starts, torch.zeros((4, *SHAPE))), generator=gens(range(4)))
-    assert torch.equal(sol.nfe, starts)
-    assert sum(len(c) for c in oracle.calls) == int(starts.sum())
-    assert [len(c) for c in oracle.calls] == [int((starts >= j).sum()) for j in range(30, 0, -1)]
+    want = torch.tensor([len(expected_timesteps(solver, int(k))) for k in starts])
+    assert torch.equal(sol.nfe, want)
+    assert sum(len(c) for c in oracle.calls) == int(want.sum())
+    if name != "resample-original":
+        assert torch.equal(want, starts)
+        assert [len(c) for c in oracle.calls] == [int((starts >= j).sum()) for j in range(30, 0, -1)]
+
+
+def test_resample_time_travel_follows_the_original(oracle):
+    """The DC of the original ReSample starts from ẑ0ᵖ after 5 unconditional DDIM steps from z'_{k−1},
+    with the original's off-by-one: UNet at the timestep of level k−1−j, ᾱ of levels k−j → k−j−1."""
+    _, op, y = oracle_problem(oracle, b=2)
+    n, k = 40, 21  # a DC event at level 21 (position 20)
+    solver = ReSample(oracle, num_steps=n, variant="original", inner_steps=2)
+    assert solver.time_travel == 5 and solver.dc_stage(k) == "pixel"
+    seen = {}
+    hard_dc, travel = solver.hard_dc, solver.travel
+
+    def spy_travel(ctx, z, x0p):
+        seen.setdefault("z", z.clone())  # the first event: level 21
+        return travel(ctx, z, x0p)
+
+    def spy_dc(x0, *a):
+        seen.setdefault("x0", x0.clone())
+        return hard_dc(x0, *a)
+
+    solver.travel, solver.hard_dc = spy_travel, spy_dc
+    start = StartPoint(torch.full((2,), k), torch.randn((2, *SHAPE), generator=torch.Generator().manual_seed(3)))
+    oracle.reset_calls()
+    solver.solve(y, op, start=start, generator=gens([0, 1]))
+    acp, ts = solver.schedule.alphas_cumprod.double(), solver.schedule.timesteps
+    z = seen["z"].double()
+    for j in range(5):  # reference: the original's loop written out (η = 0)
+        a, a_prev = float(acp[k - j]), float(acp[k - j - 1])
+        eps = oracle.eps(z.float(), torch.full((2,), int(ts[k - 1 - j]))).double()
+        x0p = (z - (1 - a) * eps) / a**0.5
+        z = a_prev**0.5 * (z - (1 - a) ** 0.5 * eps) / a**0.5 + (1 - a_prev) ** 0.5 * eps
+    torch.testing.assert_close(seen["x0"].double(), x0p, atol=1e-5, rtol=1e-5)
+    assert [int(c[0]) for c in oracle.calls[:7]] == [int(ts[j]) for j in (21, 20, 19, 18, 17, 16, 20)]
+    assert ReSample(oracle, num_steps=n, variant="original", time_travel=0).time_travel == 0
+    with pytest.raises(FlashInputError, match="time_travel"):
+        ReSample(oracle, num_steps=n, time_travel=5)
+    with pytest.raises(FlashInputError, match="time_travel"):
+        ReSample(oracle, num_steps=n, variant="original", time_travel=-1)
 
 
 @pytest.mark.parametrize("variant", ["flash", "original"])
@@ -304,7 +363,7 @@ def test_mixed_start_batch_equals_samples_solved_alone(tiny, name):
         alone = solver.solve(y[idx], op.select(idx), start=StartPoint(start.step[idx], start.latent[idx]), generator=gens([seeds[i]]))
         torch.testing.assert_close(batch.latent[i], alone.latent[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(batch.x[i], alone.x[0], atol=1e-5, rtol=1e-5)
-        assert batch.nfe[i] == alone.nfe[0] == start.step[i]
+        assert batch.nfe[i] == alone.nfe[0] == len(expected_timesteps(solver, int(start.step[i])))
         for key, val in batch.extras.items():
             assert val[i] == alone.extras[key][0], key
     assert torch.isfinite(batch.x).all()

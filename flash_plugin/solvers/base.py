@@ -28,6 +28,10 @@ from flash_plugin.types import NoiseSchedule, Solution, StartPoint
 from flash_plugin.utils.random import GeneratorLike, check_generators, randn_per_sample, subset_generators
 
 
+EXTRA_NFE = "_extra_nfe"
+"""Key of the per-sample counter (in the solve's ``state``) of denoiser calls a step makes beyond its own."""
+
+
 def train_timesteps(num_train: int, num_steps: int) -> torch.Tensor:
     """Descending train timesteps a solver of ``num_steps`` visits.
 
@@ -208,6 +212,9 @@ class ReverseDiffusionSolver:
             if callback is not None:
                 callback(k, z)
         z = self.finish(z, y, operator, state).detach()
+        extra = state.get(EXTRA_NFE)
+        if extra is not None:  # denoiser calls beyond one per step (ReSample's time travel)
+            nfe[: len(extra)] += extra.to(nfe.device)
         with torch.no_grad():
             x = self.model.decode(z)
         return Solution(x=x.detach(), latent=z, nfe=nfe, start_step=steps.clone(), extras={k: v for k, v in state.items() if k.startswith("count_")})

@@ -51,9 +51,13 @@ in a simplified form. Both are available here:
     iterations earlier; both stop at MSE < 1e-6 (AdamW weight decay 0.01, torch's default).
     Resampling with ``σ² = γ_rs (1 − ᾱ_{k−1}) / (1 − ᾱ_k) · (1 − ᾱ_k / ᾱ_{k−1})`` on the DDIM
     grid, ``γ_rs = 40``, and the same mixture. After the loop, one more latent optimisation of
-    ``z_0`` (``final_optimization``). **Not implemented:** the original's "time travel" (5 extra
-    unconditional DDIM steps before each DC event); DC starts from the current step's ``ẑ0ᵖ``
-    instead, so the original variant, like the Flash one, makes exactly one UNet call per step.
+    ``z_0`` (``final_optimization``). **Time travel** (``time_travel = 5``): before each DC event
+    the original runs 5 more unconditional DDIM steps from ``z'_{k−1}`` and starts the DC from the
+    ``ẑ0ᵖ`` of the last of them; ``z'_{k−1}`` itself is what the resampling mixes with. Its quirk is
+    kept: step ``j = 0..4`` gives the UNet the timestep of level ``k − 1 − j`` but uses ``ᾱ`` of
+    level ``k − j`` (and ``k − j − 1`` as the target), one level off (solvers.md §3.2). These
+    calls are UNet evaluations: they count as NFE (``Solution.nfe`` = steps + 5 per DC event).
+    ``time_travel=0`` starts the DC from the current step's ``ẑ0ᵖ`` (one UNet call per step).
     Differences kept on purpose: per-sample norms and losses instead of the original's batch-wide
     ones, and the DPS/DC phases on the full ``N`` instead of the truncated one (solvers.md §3.3).
 
@@ -86,7 +90,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from flash_plugin.errors import FlashInputError
-from flash_plugin.solvers.base import StepContext, select_operator
+from flash_plugin.solvers.base import EXTRA_NFE, StepContext, select_operator
 from flash_plugin.solvers.latent_dps import CountingSolver, add_count, check_weight, pad_counts, per_sample_norm
 from flash_plugin.utils.random import GeneratorLike, randn_per_sample
 
@@ -130,6 +134,7 @@ class ReSampleVariant:
     latent: InnerOptimizer
     dps_scale: float | None
     final_optimization: bool
+    time_travel: int = 0
 
 
 _FLASH_INNER = InnerOptimizer(lr=0.1, max_iters=100, prox_weight=1.0, reduction="sum", stop_at_noise=True)
@@ -144,6 +149,7 @@ VARIANTS: dict[str, ReSampleVariant] = {
                               patience=200),
         dps_scale=0.5,
         final_optimization=True,
+        time_travel=5,
     ),
 }
 
@@ -175,6 +181,7 @@ class ReSample(CountingSolver):
         dps_scale: ``"original"`` only, the DPS step ``s_k = dps_scale · ᾱ_k`` (0.5).
         final_optimization: a latent optimisation of ``z_0`` after the loop (default: ``"original"``
             with hard DC enabled).
+        time_travel: ``"original"`` only, unconditional DDIM steps before each DC event (5; 0 = none).
         stage_bounds: absolute train timesteps ``(chaotic_above, refinement_at_most)`` of the
             ``"flash"`` variant; default ``(750, 300)`` scaled to the model's ``T``.
         progress: show a tqdm progress bar.
@@ -197,6 +204,7 @@ class ReSample(CountingSolver):
         eta: float | None = None,
         dps_scale: float | None = None,
         final_optimization: bool | None = None,
+        time_travel: int | None = None,
         stage_bounds: tuple[int, int] | None = None,
         progress: bool = False,
     ):
@@ -211,6 +219,11 @@ class ReSample(CountingSolver):
         self.dc_every = int(dc_every or 0)
         if variant == "flash" and dps_scale is not None:
             raise FlashInputError("dps_scale applies to variant='original' only (the Flash version has no DPS step)")
+        if variant == "flash" and time_travel:
+            raise FlashInputError("time_travel applies to variant='original' only (the Flash version has none)")
+        if time_travel is not None and (int(time_travel) != time_travel or time_travel < 0):
+            raise FlashInputError(f"time_travel must be a non-negative integer, got {time_travel!r}")
+        self.time_travel = v.time_travel if time_travel is None else int(time_travel)
         self.dps_scale = None if v.dps_scale is None else check_weight("dps_scale", v.dps_scale if dps_scale is None else dps_scale)
         changes: dict[str, Any] = {}
         if inner_steps is not None:
@@ -290,8 +303,32 @@ class ReSample(CountingSolver):
         stage = self.dc_stage(ctx.k)
         if stage is None:
             return z_prev
+        if self.time_travel:
+            x0 = self.travel(ctx, z_prev, x0)
         z0 = self.hard_dc(x0, ctx.y, ctx.operator, ctx.index, ctx.state, stage)
         return self.stochastic_resample(z0, z_prev, ctx.acp_prev, self.resample_variance(ctx), ctx.generator)
+
+    def travel(self, ctx: StepContext, z: torch.Tensor, x0p: torch.Tensor) -> torch.Tensor:
+        """The original's time travel from ``z = z'_{k−1}``: ``min(time_travel, k − 1)`` unconditional
+        DDIM steps; returns the ``ẑ0ᵖ`` of the last one (the hard DC's start), or ``x0p`` when
+        there is no step to make (``k = 1``).
+
+        Step ``j`` calls the UNet at the timestep of level ``k − 1 − j`` but updates with ``ᾱ`` of
+        levels ``k − j → k − j − 1``, as the original code does (soominkwon/resample, ddim.py,
+        ``resample_sampling``: ``index_ = total_steps − k − 1`` next to ``step_`` of ``k + 1``).
+        """
+        n = min(self.time_travel, ctx.k - 1)
+        acp, ts = self.schedule.alphas_cumprod, self.schedule.timesteps
+        with torch.no_grad():
+            z = z.detach()
+            for j in range(n):
+                sub = replace(ctx, timestep=torch.full_like(ctx.timestep, int(ts[ctx.k - 1 - j])),
+                              acp=float(acp[ctx.k - j]), acp_prev=float(acp[ctx.k - j - 1]))
+                eps, x0 = self.predict(sub, z)
+                x0p = (z - (1.0 - sub.acp) * eps) / sub.acp**0.5
+                z = self.update(sub, z, eps, x0)
+        add_count(ctx.state, ctx.index, EXTRA_NFE, n)
+        return x0p
 
     def stochastic_resample(self, z0: torch.Tensor, z_prev: torch.Tensor, acp_target: float, sigma2: float,
                             generator: GeneratorLike) -> torch.Tensor:
