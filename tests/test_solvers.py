@@ -168,10 +168,10 @@ def test_guidance_fits_observed_pixels_on_noiseless_inpainting(oracle, name):
     """Mask on the latent = image of the oracle: the guided solvers pull the observed pixels to y.
 
     The non-squared DPS step has a residual floor of the order of ζ, hence a small ζ over 100 steps;
-    ReSample's proximal hard DC (λ = 1) halves the residual per event, hence DC every 2 steps.
+    ReSample's proximal hard DC (λ = 1) halves the residual per event, hence DC at every step.
     """
     _, op, y = oracle_problem(oracle)
-    n, kw = (50, {"dc_every": 2}) if name.startswith("resample") else (100, {"zeta": 0.3})
+    n, kw = (50, {"dc_every": 1}) if name.startswith("resample") else (100, {"zeta": 0.3})
 
     def residual(sol):
         return (op.forward(sol.x) - y).flatten(1).norm(dim=1)
@@ -602,3 +602,32 @@ def test_tuned_latent_dps_zeta_is_the_best_of_the_recorded_sweep():
         best = max(by_zeta, key=lambda z: by_zeta[z]["psnr"])
         assert get_hparams("latent-dps", task).zeta == float(best), task
         assert get_hparams("latent-dps", task).noise_correction == get_hparams("latent-dps", task, source="paper").noise_correction
+
+
+def test_flash_resample_dc_grid_is_the_official_one(oracle):
+    """The official Flash ReSample: every 10th of the ascending DDIM-500 timesteps (1, 21, 41, ...),
+    pixel stage for 300 < t <= 750, latent stage for t <= 300, nothing above 750."""
+    solver = ReSample(oracle, num_steps=500)
+    events = {int(solver.schedule.timesteps[k]): solver.dc_stage(k) for k in range(1, 501) if solver.dc_stage(k)}
+    ascending = list(range(1, 1000, 2))  # CompVis "uniform" DDIM-500 grid
+    want = {t: ("latent" if t <= 300 else "pixel") for t in ascending[::10] if t <= 750}
+    assert events == want and len(want) == 38
+
+
+def test_resample_alpha_current_is_the_official_mixture(oracle):
+    """``resample_alpha="current"`` mixes with ᾱ of the step's own train timestep (official Flash code);
+    the default mixes with the target level's ᾱ, which returns z0* at the last step."""
+    _, op, y = oracle_problem(oracle, b=1)
+    z0, z_prev = torch.randn((1, *SHAPE)), torch.randn((1, *SHAPE))
+    default = ReSample(oracle, num_steps=20)
+    current = ReSample(oracle, num_steps=20, resample_alpha="current")
+    seen = []
+    for solver in (default, current):
+        solver.hard_dc = lambda *a, **kw: z0
+        solver.stochastic_resample = lambda z0_, zp, acp, s2, g, _seen=seen: _seen.append(acp) or zp
+        solver.solve(y, op, start=StartPoint(torch.tensor([1]), z_prev), generator=gens([0]))
+    assert seen[0] == 1.0  # level 0: clean
+    assert seen[1] == pytest.approx(float(ldm_alphas_cumprod().double()[int(default.schedule.timesteps[1])]), rel=1e-6)
+    assert ReSample(oracle, num_steps=20).stochastic_resample(z0, z_prev, 1.0, 0.3, None).equal(z0)
+    with pytest.raises(FlashInputError, match="resample_alpha"):
+        ReSample(oracle, num_steps=20, variant="original", resample_alpha="current")

@@ -12,8 +12,9 @@ in a simplified form. Both are available here:
 
         ε = ε_θ(z_k, t_k),   ẑ0 = (z_k − sqrt(1 − ᾱ_k) ε) / sqrt(ᾱ_k),   z'_{k−1} = DDIM(η) step
 
-    Hard data consistency (DC) at the levels ``k`` with ``k % dc_every == 0`` and at the last step
-    ``k = 1``; what it does depends on the ABSOLUTE train timestep ``t_k`` (for ``T = 1000``):
+    Hard data consistency (DC) at the levels ``k`` with ``(k − 1) % dc_every == 0`` (positions
+    ``0, 10, 20, ...`` counted from the last step ``k = 1``, train timesteps 1, 21, 41, ... on the
+    500-step grid); what it does depends on the ABSOLUTE train timestep ``t_k`` (for ``T = 1000``):
 
     * chaotic, ``t_k > 750``: nothing (``z_{k−1} = z'_{k−1}``);
     * semantic, ``300 < t_k ≤ 750`` (pixel stage):
@@ -29,13 +30,14 @@ in a simplified form. Both are available here:
         z_{k−1} ~ N((σ² sqrt(ᾱ_{k−1}) z0* + (1 − ᾱ_{k−1}) z'_{k−1}) / (σ² + 1 − ᾱ_{k−1}),
                     σ² (1 − ᾱ_{k−1}) / (σ² + 1 − ᾱ_{k−1}) · I)
 
-    (at ``k = 1``, ``ᾱ_0 = 1``: ``z_0 = z0*``). Deliberate difference from the Flash code, which
-    counts its every-10th DC steps along the *truncated* list of a late start: here the
-    ``dc_every`` grid is absolute in ``k`` (as the stages are in ``t``), so a solve started at
-    ``k`` performs exactly the DC events of the full solve restricted to its last ``k`` steps,
-    and a late start never shifts them (for a full solve both agree). The resampling mixture uses ``ᾱ`` of the target level
-    ``k − 1`` (so that ``z_{k−1}`` has the marginal of its level); flash-algorithm.md writes
-    ``ᾱ_t`` there, two train steps away on the 500-step grid.
+    (at ``k = 1``, ``ᾱ_0 = 1``: ``z_0 = z0*``). Checked against the official Flash code
+    (z-fabian/flash-diffusion, ``samplers/latent_recon.py`` and ``samplers/data_consistency.py``):
+    its ReSample takes every 10th entry of the *ascending* list of DDIM timesteps, which a late start
+    truncates at the top, so its DC grid is absolute and starts at the last step, as here; its loss
+    sums over the (single-image) batch, i.e. per sample, as here. One deliberate difference: the
+    official code mixes with ``ᾱ`` of the *current* train timestep ``t_k`` instead of the target
+    level's; on our schedule (``ᾱ_0 = 1``) that would re-noise the clean last step, so the default
+    is ``resample_alpha="target"``, and ``resample_alpha="current"`` reproduces the official code.
 
 ``variant="original"`` (soominkwon/resample, solvers.md §3.2; ``η = 0`` as in its driver)
     Every step adds the Jacobian-free latent DPS step of the original code::
@@ -182,6 +184,8 @@ class ReSample(CountingSolver):
         final_optimization: a latent optimisation of ``z_0`` after the loop (default: ``"original"``
             with hard DC enabled).
         time_travel: ``"original"`` only, unconditional DDIM steps before each DC event (5; 0 = none).
+        resample_alpha: ``ᾱ`` of the resampling mixture: ``"target"`` (level ``k − 1``; default) or
+            ``"current"`` (``"flash"`` only: the train timestep ``t_k``, as the official Flash code).
         stage_bounds: absolute train timesteps ``(chaotic_above, refinement_at_most)`` of the
             ``"flash"`` variant; default ``(750, 300)`` scaled to the model's ``T``.
         progress: show a tqdm progress bar.
@@ -205,6 +209,7 @@ class ReSample(CountingSolver):
         dps_scale: float | None = None,
         final_optimization: bool | None = None,
         time_travel: int | None = None,
+        resample_alpha: Literal["target", "current"] = "target",
         stage_bounds: tuple[int, int] | None = None,
         progress: bool = False,
     ):
@@ -223,6 +228,9 @@ class ReSample(CountingSolver):
             raise FlashInputError("time_travel applies to variant='original' only (the Flash version has none)")
         if time_travel is not None and (int(time_travel) != time_travel or time_travel < 0):
             raise FlashInputError(f"time_travel must be a non-negative integer, got {time_travel!r}")
+        if resample_alpha not in ("target", "current") or (resample_alpha == "current" and variant != "flash"):
+            raise FlashInputError(f"resample_alpha must be 'target' or (variant='flash' only) 'current', got {resample_alpha!r}")
+        self.resample_alpha = resample_alpha
         self.time_travel = v.time_travel if time_travel is None else int(time_travel)
         self.dps_scale = None if v.dps_scale is None else check_weight("dps_scale", v.dps_scale if dps_scale is None else dps_scale)
         changes: dict[str, Any] = {}
@@ -264,7 +272,7 @@ class ReSample(CountingSolver):
             if i % self.dc_every != 0 or not 0 < i <= n - n // 3:
                 return None
             return "pixel" if i >= n // 3 else "latent"
-        if k % self.dc_every != 0 and k != 1:
+        if (k - 1) % self.dc_every != 0:
             return None
         t = int(self.schedule.timesteps[k])
         chaotic_above, refinement_at_most = self.stage_bounds
@@ -306,7 +314,11 @@ class ReSample(CountingSolver):
         if self.time_travel:
             x0 = self.travel(ctx, z_prev, x0)
         z0 = self.hard_dc(x0, ctx.y, ctx.operator, ctx.index, ctx.state, stage)
-        return self.stochastic_resample(z0, z_prev, ctx.acp_prev, self.resample_variance(ctx), ctx.generator)
+        if self.resample_alpha == "current":
+            acp_mix = float(self._train_acp[int(self.schedule.timesteps[ctx.k])])
+        else:
+            acp_mix = ctx.acp_prev
+        return self.stochastic_resample(z0, z_prev, acp_mix, self.resample_variance(ctx), ctx.generator)
 
     def travel(self, ctx: StepContext, z: torch.Tensor, x0p: torch.Tensor) -> torch.Tensor:
         """The original's time travel from ``z = z'_{k−1}``: ``min(time_travel, k − 1)`` unconditional
@@ -332,7 +344,8 @@ class ReSample(CountingSolver):
 
     def stochastic_resample(self, z0: torch.Tensor, z_prev: torch.Tensor, acp_target: float, sigma2: float,
                             generator: GeneratorLike) -> torch.Tensor:
-        """Draw ``z_{k−1}`` around the data-consistent ``z0*`` and the unconditional ``z'_{k−1}``."""
+        """Draw ``z_{k−1}`` around the data-consistent ``z0*`` and the unconditional ``z'_{k−1}``
+        (``acp_target``: the ``ᾱ`` of the mixture, see ``resample_alpha``)."""
         b2 = 1.0 - acp_target
         if b2 <= 0.0:  # clean target level: the data-consistent estimate itself
             return z0
