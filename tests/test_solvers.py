@@ -555,7 +555,7 @@ def test_hparam_table_is_the_papers_and_make_solver_uses_it(oracle):
     flat = {(s, t): v for t, row in PAPER_FFHQ.items() for s, v in row.items()}
     assert set(PAPER_HPARAMS) == set(flat) and set(TUNED_HPARAMS) == set(PAPER_HPARAMS)
     retuned = {key for key in PAPER_HPARAMS if TUNED_HPARAMS[key] != PAPER_HPARAMS[key]}
-    assert {solver for solver, _ in retuned} <= {"latent-dps"}  # only Latent-DPS has been re-tuned
+    assert retuned <= {(s, t) for s, (_, res) in recorded_sweeps().items() for t in res}  # each from a sweep
     docs = {"latent-dps": ldps_mod.__doc__, "gml-dps": gml_mod.__doc__, "psld": psld_mod.__doc__, "resample": rs_mod.__doc__}
     for (s, t), v in flat.items():
         h = get_hparams(s, t, source="paper")
@@ -591,17 +591,36 @@ def test_solvers_are_registered_through_the_plugin_hook():
         assert registry.get_solver(name, pm=pm) is SOLVERS[name]
 
 
-def test_tuned_latent_dps_zeta_is_the_best_of_the_recorded_sweep():
-    """TUNED_HPARAMS must be what the committed tuning run measured (best mean PSNR per task)."""
+def recorded_sweeps():
+    """``{solver: (param, {task: {value: metrics}})}`` of the committed tuning runs."""
     import json
 
     from flash_plugin.models import DEFAULT_MODEL_DIR
 
-    sweep = json.loads((DEFAULT_MODEL_DIR / "benchmarks" / "tune_latent-dps.json").read_text())["results"]
-    for task, by_zeta in sweep.items():
-        best = max(by_zeta, key=lambda z: by_zeta[z]["psnr"])
-        assert get_hparams("latent-dps", task).zeta == float(best), task
-        assert get_hparams("latent-dps", task).noise_correction == get_hparams("latent-dps", task, source="paper").noise_correction
+    out = {}
+    for path in sorted((DEFAULT_MODEL_DIR / "benchmarks").glob("tune_*.json")):
+        rec = json.loads(path.read_text())
+        out[path.stem.removeprefix("tune_")] = (rec.get("param", "zeta"), rec["results"])
+    return out
+
+
+def test_tuned_values_are_the_best_of_the_recorded_sweeps():
+    """TUNED_HPARAMS must be what the committed tuning runs measured (best mean PSNR per task), and
+    every entry that differs from the paper's must come from such a sweep."""
+    sweeps = recorded_sweeps()
+    assert "latent-dps" in sweeps
+    swept = set()
+    for solver, (param, results) in sweeps.items():
+        for task, by_value in results.items():
+            best = max(by_value, key=lambda v: by_value[v]["psnr"])
+            tuned, paper = get_hparams(solver, task), get_hparams(solver, task, source="paper")
+            assert getattr(tuned, param) == float(best), (solver, task)
+            assert tuned.noise_correction == paper.noise_correction  # c is the paper's
+            others = {k: v for k, v in vars(tuned).items() if k != param}
+            assert others == {k: v for k, v in vars(paper).items() if k != param}, (solver, task)
+            swept.add((solver, task))
+    retuned = {key for key in PAPER_HPARAMS if TUNED_HPARAMS[key] != PAPER_HPARAMS[key]}
+    assert retuned <= swept
 
 
 def test_flash_resample_dc_grid_is_the_official_one(oracle):

@@ -1,12 +1,16 @@
-"""Tune the data-consistency step ζ of a solver for Flash on the bundled model.
+"""Tune one hyperparameter of a solver for Flash on the bundled model.
 
-    python -m flash_plugin.bench.tune --solver latent-dps --n-images 16 --zetas 0.5 1 2 4 7
+    python -m flash_plugin.bench.tune --solver latent-dps --n-images 16 --values 0.5 1 2 4 7
+    python -m flash_plugin.bench.tune --solver resample --tasks random-inpainting --values 50 200 800
 
-For each task, runs Flash(solver) (not the 1000-step baseline: too slow to tune on a CPU) on the
+For each task, runs Flash(solver) (not the full-length baseline: too slow to tune on a CPU) on the
 first ``--n-images`` Fashion-MNIST *training* images (never the test split the benchmark uses),
-degraded at severities spread over the task's evaluation range with per-image seeds, for every ζ
-of the grid, and prints/writes the mean PSNR and SSIM. The best-PSNR ζ per task is what
-`flash_plugin.solvers.hparams.TUNED_HPARAMS` holds for our model.
+degraded at severities spread over the task's evaluation range with per-image seeds, for every
+value of the grid, and prints the mean PSNR and SSIM. ``--param`` is the solver argument swept
+(default: ``zeta`` for the DPS family, ``gamma_rs`` for ReSample); the solver's other arguments
+are the table's (`flash_plugin.solvers.hparams`). The results go to ``OUT/tune_SOLVER.json``;
+tasks already in that file are kept unless swept again (so tasks can be tuned in separate runs).
+The best-PSNR value per task is what `flash_plugin.solvers.hparams.TUNED_HPARAMS` holds.
 """
 
 from __future__ import annotations
@@ -29,35 +33,44 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--solver", default="latent-dps")
     p.add_argument("--tasks", nargs="+", default=["gblur-varying", "gblur-fixed", "random-inpainting", "nonlinear-blur"])
-    p.add_argument("--zetas", nargs="+", type=float, default=[0.5, 1.0, 2.0, 4.0, 7.0])
+    p.add_argument("--param", default=None, help="solver argument to sweep (default: zeta; gamma_rs for resample)")
+    p.add_argument("--values", "--zetas", dest="values", nargs="+", type=float, default=[0.5, 1.0, 2.0, 4.0, 7.0])
     p.add_argument("--n-images", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="runs/tune")
     args = p.parse_args(argv)
+    param = args.param or ("gamma_rs" if args.solver == "resample" else "zeta")
     if args.threads:
         torch.set_num_threads(args.threads)
     images, _ = load_fashion_mnist("train", limit=args.n_images)
     bundle = load_default_model()
-    results: dict = {}
+    out = Path(args.out) / f"tune_{args.solver}.json"
+    record = json.loads(out.read_text()) if out.exists() else {"param": param, "runs": [], "results": {}}
+    if record.get("param", "zeta") != param:
+        raise SystemExit(f"{out} sweeps {record.get('param')!r}, not {param!r}: use another --out")
+    record.setdefault("runs", [record.pop("args")] if "args" in record else [])
+    record["param"] = param
+    record["runs"].append({**vars(args), "param": param})
+    results = record["results"]
     t0 = time.perf_counter()
     for task in args.tasks:
         lo, hi = get_preset(task).severity_range
         sev = torch.linspace(lo, hi, args.n_images)
         results[task] = {}
-        for zeta in args.zetas:
+        for value in args.values:
             run = run_task(task, bundle, images, sev, solver_name=args.solver, methods=("flash",), seed=args.seed,
-                           solver_overrides={"zeta": zeta})
+                           solver_overrides={param: value})
             recs = run.by_method("flash")
-            results[task][zeta] = {"psnr": sum(r.psnr for r in recs) / len(recs), "ssim": sum(r.ssim for r in recs) / len(recs),
-                                   "mean_nfe": sum(r.nfe for r in recs) / len(recs)}
-            print(f"{task:<18} ζ={zeta:<5} PSNR {results[task][zeta]['psnr']:6.2f}  SSIM {results[task][zeta]['ssim']:.3f}"
-                  f"  NFE {results[task][zeta]['mean_nfe']:.1f}  ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-        best = max(results[task], key=lambda z: results[task][z]["psnr"])
-        print(f"{task}: best ζ = {best}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"tune_{args.solver}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+            results[task][str(value)] = {"psnr": sum(r.psnr for r in recs) / len(recs), "ssim": sum(r.ssim for r in recs) / len(recs),
+                                         "mean_nfe": sum(r.nfe for r in recs) / len(recs)}
+            res = results[task][str(value)]
+            print(f"{task:<18} {param}={value:<6} PSNR {res['psnr']:6.2f}  SSIM {res['ssim']:.3f}"
+                  f"  NFE {res['mean_nfe']:.1f}  ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        best = max(results[task], key=lambda v: results[task][v]["psnr"])
+        print(f"{task}: best {param} = {best}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=2))  # after every task: a long sweep keeps what it measured
     return 0
 
 
