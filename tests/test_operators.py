@@ -123,7 +123,7 @@ def test_psnr_decreases_with_severity(fmnist, family):
 
 def test_severity_maps_to_documented_parameters():
     t = torch.tensor([0.0, 0.5, 1.0])
-    assert torch.allclose(GaussianBlur.from_severity(t).std, torch.tensor([0.3, 2.15, 4.0], dtype=torch.float64))
+    assert torch.allclose(GaussianBlur.from_severity(t).std, torch.tensor([0.3, 4.15, 8.0], dtype=torch.float64))
     assert torch.allclose(GaussianBlur.from_severity(t, std_range=(0.3, 3.0)).std, torch.tensor([0.3, 1.65, 3.0], dtype=torch.float64))
     op = RandomInpainting.from_severity(t, gen(0), image_shape=(1, 20, 25))
     assert torch.allclose(op.kept_fraction, torch.tensor([1.0, 0.6, 0.2], dtype=torch.float64))

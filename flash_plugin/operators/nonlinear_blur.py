@@ -41,13 +41,16 @@ generator seeded 1:
 t (length)     σ_y = 0     σ_y = 0.1
 =============  ==========  ===============
 0 (0 px)       30.89       26.13
-0.5 (5 px)     17.68       17.20
-1 (10 px)      14.68       14.42
+0.5 (9 px)     15.11       14.82
+1 (18 px)      12.59       12.41
 =============  ==========  ===============
 
 At ``t = 0`` the kernel is the identity; the 30.9 dB come from the exposure alone (mid-tones
 brightened by ``1.2^{1/2.4} ≈ 1.08``, highlights clipped). ``length_range`` and ``exposure`` are
-parameters (the default-model work may retune them by measurement).
+parameters. The default length range ``(0, 18)`` px was chosen by measurement on the bundled
+model: with ``(0, 10)`` a trained severity encoder's error depended more on the image than on
+``t`` (Spearman 0.69 on 400 test images) and the severe end started at ``k* ≈ 70`` of 1000;
+at 18 px that Spearman is 0.82 and the severe error variance 0.41 (``k*`` above 100).
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ import torch.nn.functional as F
 from flash_plugin.errors import FlashInputError
 from flash_plugin.operators.base import BaseOperator, GeneratorLike, _check_range, check_severity, rand, randn
 
-DEFAULT_LENGTH_RANGE: tuple[float, float] = (0.0, 10.0)
+DEFAULT_LENGTH_RANGE: tuple[float, float] = (0.0, 18.0)
 DEFAULT_EXPOSURE: float = 1.2
 
 __all__ = [
@@ -126,27 +129,28 @@ def trajectory_kernels(paths: torch.Tensor, lengths: torch.Tensor, max_spacing: 
     lengths = lengths.to(device=paths.device, dtype=torch.float64)
     b, m, _ = paths.shape
     pts = paths * lengths[:, None, None]
-    # densify: `sub` equally spaced points per segment so neighbours are <= max_spacing apart
-    seg_len = float(lengths.max()) / max(m - 1, 1)
-    sub = max(1, math.ceil(seg_len / max_spacing))
-    frac = torch.arange(sub, device=paths.device, dtype=torch.float64) / sub
-    start, step = pts[:, :-1], pts[:, 1:] - pts[:, :-1]
-    dense = (start[:, :, None] + frac[None, None, :, None] * step[:, :, None]).reshape(b, -1, 2)
-    dense = torch.cat([dense, pts[:, -1:]], dim=1)
-    dense = dense - dense.mean(dim=1, keepdim=True)
-    radius = math.ceil(float(dense.abs().max())) + 1 if dense.numel() else 1
+    # densify each path: `sub` equally spaced points per segment so neighbours are <= max_spacing
+    # apart; `sub` depends on the sample's own length only, so a batch equals its samples alone
+    dense = []
+    for i in range(b):
+        sub = max(1, math.ceil(float(lengths[i]) / max(m - 1, 1) / max_spacing))
+        frac = torch.arange(sub, device=paths.device, dtype=torch.float64) / sub
+        d = (pts[i, :-1, None] + frac[None, :, None] * (pts[i, 1:] - pts[i, :-1])[:, None]).reshape(-1, 2)
+        d = torch.cat([d, pts[i, -1:]])
+        dense.append(d - d.mean(dim=0, keepdim=True))
+    radius = math.ceil(max((float(d.abs().max()) for d in dense), default=0.0)) + 1
     size = 2 * radius + 1
-    coords = dense + radius  # in [1, 2R - 1]: all four bilinear neighbours are inside the grid
-    base = coords.floor()
-    f = coords - base
-    base = base.to(torch.int64)
     kern = torch.zeros(b, size * size, device=paths.device, dtype=torch.float64)
-    for dy in (0, 1):
-        for dx in (0, 1):
-            wy = f[..., 1] if dy else 1 - f[..., 1]
-            wx = f[..., 0] if dx else 1 - f[..., 0]
-            idx = (base[..., 1] + dy) * size + (base[..., 0] + dx)
-            kern.scatter_add_(1, idx, wy * wx)
+    for i, d in enumerate(dense):
+        coords = d + radius  # in [1, 2R - 1]: all four bilinear neighbours are inside the grid
+        base = coords.floor()
+        f = coords - base
+        base = base.to(torch.int64)
+        for dy in (0, 1):
+            for dx in (0, 1):
+                wy = f[:, 1] if dy else 1 - f[:, 1]
+                wx = f[:, 0] if dx else 1 - f[:, 0]
+                kern[i].scatter_add_(0, (base[:, 1] + dy) * size + (base[:, 0] + dx), wy * wx)
     kern = kern / kern.sum(dim=1, keepdim=True)
     return kern.reshape(b, size, size)
 
