@@ -542,6 +542,25 @@ def test_cli_train_then_eval(tmp_path, saved_tiny_model):
     assert md["operator"] == "gblur-varying" and md["noise_std"] == 0.1 and md["severity_range"] == [0.0, 1.0]
     assert md["training"]["config"]["lr"] == 1e-3 and md["training"]["stop_reason"] == "epochs"
     assert "spearman_severity" in md["metrics"]["test"] and md["training_data"]["dataset"] == "fashion-mnist"
+    assert md["operator_kwargs"] == {"std_range": [0.3, 8.0]}
+
+    # --init-from: a warm start from a trained encoder (recorded); its trunk is where training starts
+    warm = tmp_path / "warm"
+    args = _parse(train_severity, ["train-severity", "--model", str(saved_tiny_model), "--operator", "gblur-varying",
+                                   "--data", str(data), "--max-steps", "0", "--batch-size", "4", "--val-size", "8",
+                                   "--eval-size", "0", "--out", str(warm), "--quiet", "--head-channels", "8",
+                                   "--init-from", str(tmp_path / "exported"), "--export", str(warm / "final")])
+    assert args.func(args) == 0
+    started = SeverityEncoder.from_pretrained(warm / "final")
+    assert started.metadata["training_data"]["init_from"]["path"] == str(tmp_path / "exported")
+    before, after = enc.state_dict(), started.state_dict()
+    trunk = [k for k in before if "log_variance_offset" not in k]
+    assert trunk and all(torch.equal(before[k], after[k]) for k in trunk)
+    with pytest.raises(FlashInputError, match="head channels"):
+        args = _parse(train_severity, ["train-severity", "--model", str(saved_tiny_model), "--data", str(data),
+                                       "--val-size", "8", "--eval-size", "0", "--out", str(tmp_path / "warm2"),
+                                       "--init-from", str(tmp_path / "exported"), "--quiet"])
+        args.func(args)
 
     args = _parse(eval_severity, ["eval-severity", "--encoder", str(out / "encoder"), "--model", str(saved_tiny_model),
                                   "--data", str(data), "--n-images", "8", "--n-ordering", "2", "--out", str(tmp_path / "eval"),

@@ -66,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/severity", help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/state.safetensors")
+    p.add_argument("--init-from", default=None,
+                   help="start from this trained encoder (same latent space; e.g. one trained for a narrower severity range) "
+                        "instead of a copy of the autoencoder's encoder")
     p.add_argument("--export", default=None, help="also save the final encoder to this directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -131,7 +134,21 @@ def run(args: argparse.Namespace) -> int:
     )
     training_data = {"dataset": "fashion-mnist", "split": "train", "images": len(train),
                      "validation": f"test[{10000 - len(val)}:]" if len(val) else None, "model": model_dir.name}
-    result = train_severity_encoder(model, preset, train, val, args.out, config, resume=args.resume, training_data=training_data)
+    encoder = None
+    if args.init_from:
+        from flash_plugin.errors import FlashInputError
+        from flash_plugin.severity.encoder import SeverityEncoder
+
+        encoder = SeverityEncoder.from_pretrained(args.init_from, model=model)  # refuses another latent space
+        if encoder.head_channels != args.head_channels:
+            raise FlashInputError(f"--init-from {args.init_from} has head channels {encoder.head_channels}, "
+                                  f"not --head-channels {args.head_channels}")
+        training_data["init_from"] = {"path": str(args.init_from), "operator": encoder.metadata.get("operator"),
+                                      "severity_range": encoder.metadata.get("severity_range"),
+                                      "operator_kwargs": encoder.metadata.get("operator_kwargs"),
+                                      "training": encoder.metadata.get("training")}
+    result = train_severity_encoder(model, preset, train, val, args.out, config, encoder=encoder, resume=args.resume,
+                                    training_data=training_data)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     out = Path(args.out)

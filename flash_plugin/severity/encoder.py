@@ -65,6 +65,7 @@ CONFIG_FIELDS = frozenset({
     "head",                # {"channels": int, "parameterisation": "exp", "features": "mid_block"}
     "operator",            # operator family (preset name) it was trained for
     "severity_range",      # the family's severity range (as the preset states it)
+    "operator_kwargs",     # the family's parameters (e.g. {"std_range": [0.3, 8.0]}), optional
     "noise_std",           # σ_y on the [-1, 1] scale
     "training_data",       # a description of the training images
     "training",            # the training configuration (TrainConfig as a dict) and run facts
@@ -181,7 +182,7 @@ class SeverityEncoder(nn.Module):
         unknown = set(meta) - CONFIG_FIELDS
         if unknown:
             raise FlashInputError(f"metadata has unknown keys {sorted(unknown)}; known: {sorted(CONFIG_FIELDS)}")
-        self._extra: dict[str, Any] = {k: meta.get(k) for k in ("operator", "severity_range", "noise_std", "training_data", "training", "metrics")}
+        self._extra: dict[str, Any] = {k: meta.get(k) for k in ("operator", "severity_range", "operator_kwargs", "noise_std", "training_data", "training", "metrics")}
         self._extra["training"] = self._extra["training"] or {}
         self._extra["metrics"] = self._extra["metrics"] or {}
 
@@ -249,6 +250,7 @@ class SeverityEncoder(nn.Module):
             "latent_id": cfg["latent_id"],
             "operator": cfg["operator"],
             "severity_range": cfg["severity_range"],
+            "operator_kwargs": cfg.get("operator_kwargs"),
             "noise_std": cfg["noise_std"],
             "training_data": cfg["training_data"],
             "architecture": {k: cfg[k] for k in ("class", "autoencoder_class", "latent_channels", "image_shape", "head")},
@@ -257,7 +259,7 @@ class SeverityEncoder(nn.Module):
         }
 
     def update_metadata(self, **values: Any) -> None:
-        """Set provenance fields (``operator``, ``severity_range``, ``noise_std``,
+        """Set provenance fields (``operator``, ``severity_range``, ``operator_kwargs``, ``noise_std``,
         ``training_data``, ``training``, ``metrics``)."""
         unknown = set(values) - set(self._extra)
         if unknown:
@@ -401,7 +403,7 @@ class SeverityEncoder(nn.Module):
                 image_shape=tuple(cfg["image_shape"]), latent_mean=cfg["latent_mean"], latent_std=cfg["latent_std"],
                 scaling_factor=cfg.get("scaling_factor", 1.0), latent_id=cfg["latent_id"],
                 head_channels=int(cfg["head"].get("channels", 64)),
-                metadata={k: cfg.get(k) for k in ("operator", "severity_range", "noise_std", "training_data", "training", "metrics")},
+                metadata={k: cfg.get(k) for k in ("operator", "severity_range", "operator_kwargs", "noise_std", "training_data", "training", "metrics")},
             )
         except (TypeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{d / CONFIG_NAME}: cannot build the architecture: {e}") from e

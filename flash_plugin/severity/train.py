@@ -497,6 +497,7 @@ def _family_facts(family) -> dict[str, Any]:
     return {
         "operator": getattr(family, "name", type(family).__name__),
         "severity_range": list(rng) if rng is not None else None,
+        "operator_kwargs": {k: v for k, v in dict(getattr(family, "family_kwargs", None) or {}).items() if k != "image_shape"},
         "noise_std": getattr(family, "noise_std", None),
     }
 
