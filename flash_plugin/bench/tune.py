@@ -8,8 +8,9 @@ first ``--n-images`` Fashion-MNIST *training* images (never the test split the b
 degraded at severities spread over the task's evaluation range with per-image seeds, for every
 value of the grid, and prints the mean PSNR and SSIM. ``--param`` is the solver argument swept
 (default: ``zeta`` for the DPS family, ``gamma_rs`` for ReSample); the solver's other arguments
-are the table's (`flash_plugin.solvers.hparams`). The results go to ``OUT/tune_SOLVER.json``;
-tasks already in that file are kept unless swept again (so tasks can be tuned in separate runs).
+are the table's (`flash_plugin.solvers.hparams`). The results go to ``OUT/tune_SOLVER.json``,
+merged with what that file holds (a later run may add tasks or extend a task's grid; a value
+swept again is replaced).
 The best-PSNR value per task is what `flash_plugin.solvers.hparams.TUNED_HPARAMS` holds.
 """
 
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     for task in args.tasks:
         lo, hi = get_preset(task).severity_range
         sev = torch.linspace(lo, hi, args.n_images)
-        results[task] = {}
+        results.setdefault(task, {})  # values swept before are kept (a later run may extend the grid)
         for value in args.values:
             run = run_task(task, bundle, images, sev, solver_name=args.solver, methods=("flash",), seed=args.seed,
                            solver_overrides={param: value})

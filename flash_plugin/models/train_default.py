@@ -9,7 +9,9 @@ Reproduce the shipped weights (seeds and step counts are in the model card)::
 Every stage checkpoints to ``<out>/<stage>/state.safetensors`` (atomic) every ``--ckpt-every``
 steps and on exit, and resumes from it when started again with the same arguments. The data
 order depends only on ``(seed, epoch)``, so a resumed run sees the same batches as an
-uninterrupted one. ``--max-minutes`` stops cleanly early (the step reached is logged).
+uninterrupted one, and the noise of step ``s`` comes from a generator seeded by ``(seed, s)``, so
+a resumed run's weights equal an uninterrupted run's (on the same device; the shipped weights
+predate this: their noise came from one generator per run). ``--max-minutes`` stops cleanly early (the step reached is logged).
 A JSON log with the losses goes to ``<out>/<stage>/log.jsonl``.
 """
 
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 
 from flash_plugin.data.fashion_mnist import load_fashion_mnist
 from flash_plugin.models import architectures as arch
+from flash_plugin.utils.random import stream_seed
 from flash_plugin.utils.checkpoint import atomic_write_json, load_training_state, save_training_state
 
 
@@ -95,7 +98,7 @@ def train_autoencoder(args) -> None:
         step, _, _ = load_training_state(state_path, model=ae, optimizer=opt)
         print(f"[ae] resumed at step {step}", file=sys.stderr)
     batches = _Batches(len(train), args.batch_size, args.seed)
-    noise_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    noise_gen = torch.Generator(device=device)
     t_start = time.time()
     ae.train()
     pbar = _progress(range(step, args.steps), args.steps - step, "autoencoder", not args.quiet)
@@ -103,6 +106,7 @@ def train_autoencoder(args) -> None:
         for group in opt.param_groups:
             group["lr"] = _cosine(step, args.steps, args.lr, 200)
         x = train[batches.indices(step).to(device)]
+        noise_gen.manual_seed(stream_seed(args.seed, "ae-noise", step))  # per step: a resumed run draws the same
         post = ae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=noise_gen, device=device)
         rec = ae.decode(z).sample
@@ -166,7 +170,7 @@ def train_unet(args) -> None:
         print(f"[unet] resumed at step {step}", file=sys.stderr)
     acp = arch.ldm_alphas_cumprod().float().to(device)
     batches = _Batches(len(latents), args.batch_size, args.seed)
-    gen = torch.Generator(device=device).manual_seed(args.seed + 2)
+    gen = torch.Generator(device=device)
     t_start = time.time()
     unet.train()
     pbar = _progress(range(step, args.steps), args.steps - step, "unet", not args.quiet)
@@ -174,6 +178,7 @@ def train_unet(args) -> None:
         for group in opt.param_groups:
             group["lr"] = _cosine(step, args.steps, args.lr, 500)
         z0 = latents[batches.indices(step).to(device)]
+        gen.manual_seed(stream_seed(args.seed, "unet-noise", step))  # per step: a resumed run draws the same
         t = torch.randint(0, len(acp), (len(z0),), generator=gen, device=device)
         eps = torch.randn(z0.shape, generator=gen, device=device)
         a = acp[t].view(-1, 1, 1, 1)

@@ -80,7 +80,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -93,6 +92,7 @@ from typing import Any, Callable
 import torch
 
 from flash_plugin.errors import CheckpointError, FlashInputError
+from flash_plugin.utils.random import stream_generator, stream_seed  # noqa: F401  (re-exported)
 from flash_plugin.severity.encoder import SeverityEncoder
 
 STATE_NAME = "state.safetensors"
@@ -278,19 +278,8 @@ def training_step(net, model, x: torch.Tensor, y: torch.Tensor, optimizer: torch
 
 
 # ----------------------------------------------------------------------------------------------
-# Deterministic data
+# Deterministic data (seeds per stream: `flash_plugin.utils.random.stream_seed`)
 # ----------------------------------------------------------------------------------------------
-def stream_seed(seed: int, stream: str, index: int) -> int:
-    """A 63-bit seed for ``(seed, stream, index)`` (independent streams for training steps,
-    validation chunks, evaluation, ...)."""
-    digest = hashlib.blake2b(f"{seed}/{stream}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def stream_generator(seed: int, stream: str, index: int) -> torch.Generator:
-    return torch.Generator().manual_seed(stream_seed(seed, stream, index))
-
-
 def measure(family, x: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """``y = A_t(x) + n``: the family's operator at severities ``t`` (its random parameters and the
     noise drawn from ``generator``)."""

@@ -8,6 +8,7 @@ generator's device and are then moved, so CPU generators give the same numbers o
 
 from __future__ import annotations
 
+import hashlib
 from typing import Sequence
 
 import torch
@@ -46,3 +47,14 @@ def randn_per_sample(
         return torch.stack(parts).to(device=device, dtype=dtype)
     gen_device = generator.device if generator is not None else torch.device("cpu")
     return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def stream_seed(seed: int, stream: str, index: int) -> int:
+    """A 63-bit seed for ``(seed, stream, index)`` (independent streams for training steps,
+    validation chunks, evaluation, ...)."""
+    digest = hashlib.blake2b(f"{seed}/{stream}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def stream_generator(seed: int, stream: str, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(stream_seed(seed, stream, index))
