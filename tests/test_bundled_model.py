@@ -32,6 +32,13 @@ def test_bundle_metadata_and_latent_space():
         enc = bundle.severity_encoder(fam)
         assert enc.metadata["latent_id"] == ld.latent_id
         assert enc.metadata["operator"] == fam
+    # each encoder was trained for the operator parameters the presets use now
+    from flash_plugin.operators.gaussian_blur import DEFAULT_STD_RANGE
+    from flash_plugin.operators.nonlinear_blur import DEFAULT_LENGTH_RANGE
+
+    want = {"gblur-varying": {"std_range": list(DEFAULT_STD_RANGE)}, "nonlinear-blur": {"length_range": list(DEFAULT_LENGTH_RANGE)},
+            "random-inpainting": {}}
+    assert {fam: bundle.severity_encoder(fam).metadata["operator_kwargs"] for fam in FAMILIES} == want
     total = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.rglob("*.safetensors"))
     assert total < 30 * 2**20, f"bundled weights are {total / 2**20:.1f} MiB (limit 30)"
 
