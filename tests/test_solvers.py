@@ -565,7 +565,10 @@ def test_hparam_table_is_the_papers_and_make_solver_uses_it(oracle):
         line = next(ln for ln in docs[s].splitlines() if ln.strip().startswith(t))
         assert [float(w) for w in line.replace("=", " ").split() if w[0].isdigit()] == [float(x) for x in v], line
     s = make_solver("gml-dps", oracle, "random-inpainting", num_steps=10)
-    assert isinstance(s, GMLDPS) and (s.zeta, s.gamma, s.schedule.num_steps) == (10.0, 0.05, 10)
+    tuned = get_hparams("gml-dps", "random-inpainting")
+    assert isinstance(s, GMLDPS) and (s.zeta, s.gamma, s.schedule.num_steps) == (tuned.zeta, tuned.gamma, 10)
+    s = make_solver("gml-dps", oracle, "random-inpainting", source="paper")
+    assert (s.zeta, s.gamma) == (10.0, 0.05)
     s = make_solver("resample", oracle, "gblur-fixed", gamma_rs=7.0, num_steps=50)
     assert s.gamma_rs == 7.0 and s.schedule.num_steps == 50
     assert make_solver("latent-dps", oracle).zeta == 1.0

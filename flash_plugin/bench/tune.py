@@ -25,6 +25,16 @@ from pathlib import Path
 import torch
 
 
+def read_record(path: Path, param: str) -> dict:
+    """The sweep record at ``path`` (an empty one if missing); refuses one that sweeps another parameter."""
+    record = json.loads(path.read_text()) if path.exists() else {"param": param, "runs": [], "results": {}}
+    if record.get("param", "zeta") != param:
+        raise SystemExit(f"{path} sweeps {record.get('param')!r}, not {param!r}: use another --out")
+    record.setdefault("runs", [record.pop("args")] if "args" in record else [])
+    record["param"] = param
+    return record
+
+
 def main(argv=None) -> int:
     from flash_plugin.bench.reconstruct import run_task
     from flash_plugin.data.fashion_mnist import load_fashion_mnist
@@ -47,31 +57,35 @@ def main(argv=None) -> int:
     images, _ = load_fashion_mnist("train", limit=args.n_images)
     bundle = load_default_model()
     out = Path(args.out) / f"tune_{args.solver}.json"
-    record = json.loads(out.read_text()) if out.exists() else {"param": param, "runs": [], "results": {}}
-    if record.get("param", "zeta") != param:
-        raise SystemExit(f"{out} sweeps {record.get('param')!r}, not {param!r}: use another --out")
-    record.setdefault("runs", [record.pop("args")] if "args" in record else [])
-    record["param"] = param
-    record["runs"].append({**vars(args), "param": param})
-    results = record["results"]
+    this_run = {**vars(args), "param": param}
+    read_record(out, param)  # refuse a record of another parameter before spending any time
     t0 = time.perf_counter()
     for task in args.tasks:
         lo, hi = get_preset(task).severity_range
         sev = torch.linspace(lo, hi, args.n_images)
-        results.setdefault(task, {})  # values swept before are kept (a later run may extend the grid)
+        measured = {}
         for value in args.values:
             run = run_task(task, bundle, images, sev, solver_name=args.solver, methods=("flash",), seed=args.seed,
                            solver_overrides={param: value})
             recs = run.by_method("flash")
-            results[task][str(value)] = {"psnr": sum(r.psnr for r in recs) / len(recs), "ssim": sum(r.ssim for r in recs) / len(recs),
-                                         "mean_nfe": sum(r.nfe for r in recs) / len(recs)}
-            res = results[task][str(value)]
+            res = measured[str(value)] = {"psnr": sum(r.psnr for r in recs) / len(recs),
+                                          "ssim": sum(r.ssim for r in recs) / len(recs),
+                                          "mean_nfe": sum(r.nfe for r in recs) / len(recs)}
             print(f"{task:<18} {param}={value:<6} PSNR {res['psnr']:6.2f}  SSIM {res['ssim']:.3f}"
                   f"  NFE {res['mean_nfe']:.1f}  ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-        best = max(results[task], key=lambda v: results[task][v]["psnr"])
+        # read-merge-write after every task: a long sweep keeps what it measured, and two sweeps of
+        # the same solver running side by side do not overwrite each other's tasks
+        record = read_record(out, param)
+        if this_run not in record["runs"]:
+            record["runs"].append(this_run)
+        values = record["results"].setdefault(task, {})  # values swept before are kept (a run may extend the grid)
+        values.update(measured)
+        best = max(values, key=lambda v: values[v]["psnr"])
         print(f"{task}: best {param} = {best}")
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=2))  # after every task: a long sweep keeps what it measured
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(out)
     return 0
 
 
