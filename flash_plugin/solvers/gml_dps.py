@@ -18,7 +18,7 @@ Update (DDPM over all train timesteps, ``η = 1``; one UNet call per step)::
 Gradients flow through the UNet, the decoder and the encoder.
 
 Hyperparameters per task (ζ, γ and the Flash noise correction c; the paper's official FFHQ
-configs). The authoritative table is `flash_plugin.solvers.hparams`:
+configs). The authoritative table, with the values re-tuned for the bundled model, is `flash_plugin.solvers.hparams`:
 
     gblur-varying       ζ = 3.0    γ = 0.05   c = 1.2
     gblur-fixed         ζ = 2.0    γ = 0.05   c = 1.0

@@ -21,7 +21,7 @@ squared loss this is DPS's step ``ζ / ‖r‖``. No noise is added to the predi
 "noiser" quirk is dropped).
 
 Hyperparameters per task (ζ, and the Flash noise correction c; the paper's official FFHQ configs,
-CelebA-HQ VQ-f4 LDM). The authoritative table is `flash_plugin.solvers.hparams`:
+CelebA-HQ VQ-f4 LDM). The authoritative table, with the values re-tuned for the bundled model, is `flash_plugin.solvers.hparams`:
 
     gblur-varying       ζ = 1.0   c = 1.2
     gblur-fixed         ζ = 3.0   c = 1.2

@@ -20,7 +20,7 @@ mask ``A* = A``. An operator without ``adjoint`` is refused with `OperatorCapabi
 start of `solve`, before any UNet call (the paper's nonlinear deblurring has no PSLD entry).
 
 Hyperparameters per task (ζ, γ and the Flash noise correction c; the paper's official FFHQ
-configs). The authoritative table is `flash_plugin.solvers.hparams`:
+configs). The authoritative table, with the values re-tuned for the bundled model, is `flash_plugin.solvers.hparams`:
 
     gblur-varying       ζ = 2.0    γ = 0.2   c = 1.0
     gblur-fixed         ζ = 2.0    γ = 0.1   c = 1.0

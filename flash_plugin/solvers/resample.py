@@ -75,7 +75,7 @@ not UNet calls and are NOT counted as NFE; ``Solution.extras`` reports per sampl
 
 Hyperparameters per task (``γ_rs`` and the Flash noise correction c; the paper's official FFHQ
 configs, with DDIM-500, ``η = 1``, DC every 10 steps, ``λ = 1``, 100 inner steps). The
-authoritative table is `flash_plugin.solvers.hparams`:
+authoritative table, with the values re-tuned for the bundled model, is `flash_plugin.solvers.hparams`:
 
     gblur-varying       γ_rs = 400    c = 1.2
     gblur-fixed         γ_rs = 2000   c = 1.2
