@@ -1,19 +1,12 @@
 """Dataset loaders: Fashion-MNIST IDX files and image folders."""
 
 import gzip
-import struct
 
 import numpy as np
 import pytest
 import torch
 
-from flash_plugin.data import FashionMNISTNotFound, load_fashion_mnist, load_image_folder
-
-
-def write_idx(path, arr):
-    header = struct.pack(">I", 0x0800 | arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + arr.astype(np.uint8).tobytes())
+from flash_plugin.data import FashionMNISTNotFound, load_fashion_mnist, load_image_folder, write_idx
 
 
 @pytest.fixture

@@ -8,11 +8,9 @@ level grows with the severity), so the file runs in well under a minute on 2 CPU
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import textwrap
@@ -22,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from flash_plugin.data import write_idx
 from flash_plugin.errors import CheckpointError, FlashInputError, LatentSpaceMismatchError
 from flash_plugin.protocols import SeverityEstimator
 from flash_plugin.severity.encoder import CONFIG_NAME, WEIGHTS_NAME, SeverityEncoder
@@ -501,19 +500,13 @@ def test_evaluate_reports_start_steps_on_the_model_schedule(tiny_model):
 # ----------------------------------------------------------------------------------------------
 # CLI (train-severity, eval-severity) on a tiny model and tiny IDX files
 # ----------------------------------------------------------------------------------------------
-def _write_idx(path: Path, arr: np.ndarray) -> None:
-    header = struct.pack(">I", 0x0800 | arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + arr.astype(np.uint8).tobytes())
-
-
 def _fake_fashion_mnist(d: Path, n_train: int = 48, n_test: int = 24) -> Path:
     """12x12 IDX images: the loader pads them by 2 px to the tiny model's 16x16."""
     d.mkdir(parents=True, exist_ok=True)
     for name, n in (("train", n_train), ("t10k", n_test)):
         imgs = ((make_images(n, seed=n, size=12)[:, 0].numpy() + 1) * 127.5).round()
-        _write_idx(d / f"{name}-images-idx3-ubyte.gz", imgs)
-        _write_idx(d / f"{name}-labels-idx1-ubyte.gz", np.zeros(n))
+        write_idx(d / f"{name}-images-idx3-ubyte.gz", imgs)
+        write_idx(d / f"{name}-labels-idx1-ubyte.gz", np.zeros(n))
     return d
 
 

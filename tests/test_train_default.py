@@ -3,20 +3,13 @@ ends with the same weights as an uninterrupted run, for the autoencoder and the 
 
 from __future__ import annotations
 
-import gzip
-import struct
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from flash_plugin.data import write_idx
 from flash_plugin.models import train_default
-
-
-def _write_idx(path: Path, arr: np.ndarray) -> None:
-    header = struct.pack(">I", 0x0800 | arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + arr.astype(np.uint8).tobytes())
 
 
 def fake_fashion_mnist(d: Path, n_train: int = 32, n_test: int = 16) -> Path:
@@ -26,8 +19,8 @@ def fake_fashion_mnist(d: Path, n_train: int = 32, n_test: int = 16) -> Path:
     for name, n in (("train", n_train), ("t10k", n_test)):
         low = torch.rand(n, 1, 7, 7, generator=g)
         imgs = torch.nn.functional.interpolate(low, size=28, mode="bilinear", align_corners=False)[:, 0]
-        _write_idx(d / f"{name}-images-idx3-ubyte.gz", (imgs * 255).round().numpy())
-        _write_idx(d / f"{name}-labels-idx1-ubyte.gz", np.zeros(n))
+        write_idx(d / f"{name}-images-idx3-ubyte.gz", (imgs * 255).round().numpy())
+        write_idx(d / f"{name}-labels-idx1-ubyte.gz", np.zeros(n))
     return d
 
 

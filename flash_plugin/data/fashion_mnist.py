@@ -84,6 +84,17 @@ def _read_idx(path: Path) -> np.ndarray:
     return arr.reshape(shape)
 
 
+def write_idx(path: str | os.PathLike, arr: np.ndarray) -> Path:
+    """Write ``arr`` (values 0..255) as a gzipped uint8 IDX file, the format `load_fashion_mnist`
+    reads (e.g. to lay out your own images like Fashion-MNIST's files, or to make test data)."""
+    arr = np.asarray(arr)
+    header = struct.pack(">I", 0x0800 | arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    path = Path(path)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+    return path
+
+
 def _download(root: Path) -> None:
     import urllib.request
 
