@@ -60,6 +60,9 @@ in a simplified form. Both are available here:
     level ``k − j`` (and ``k − j − 1`` as the target), one level off (solvers.md §3.2). These
     calls are UNet evaluations: they count as NFE (``Solution.nfe`` = steps + 5 per DC event).
     ``time_travel=0`` starts the DC from the current step's ``ẑ0ᵖ`` (one UNet call per step).
+    With time travel the variant breaks the one-call-per-step contract on purpose, so it fails the
+    conformance suite's three call-count checks (``flash-plugin check``); with ``time_travel=0`` it
+    passes all of them, as the Flash variant does.
     Differences kept on purpose: per-sample norms and losses instead of the original's batch-wide
     ones, and the DPS/DC phases on the full ``N`` instead of the truncated one (solvers.md §3.3).
 
