@@ -410,3 +410,16 @@ def test_pytest_plugin_fixture_and_marker(pytester, monkeypatch):
                                           "-W", "ignore::pytest.PytestAssertRewriteWarning")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*failed*check_start_makes_k_calls*", "*observed: 4 denoiser evaluations*"])
+
+
+def test_reference_resample_variants_and_time_travel():
+    """Both ReSample variants pass every check; the original's time travel (5 extra UNet calls per
+    DC event, on purpose) fails exactly the three call-count checks."""
+    from flash_plugin.solvers import ReSample
+
+    for kw in ({}, {"variant": "original", "time_travel": 0}):
+        results = conf.check_solver(lambda m, kw=kw: ReSample(m, num_steps=20, dc_every=3, inner_steps=3, **kw))
+        assert all(r.status == "passed" for r in results), conf.format_results(results)
+    results = conf.check_solver(lambda m: ReSample(m, num_steps=20, dc_every=3, inner_steps=3, variant="original"))
+    failed = {r.name for r in results if r.status != "passed"}
+    assert failed == {"check_full_solve", "check_start_makes_k_calls", "check_mixed_start_batch_matches_samples_alone"}
