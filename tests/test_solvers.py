@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flash_plugin.bench.solver_overhead import tiny_components
 from flash_plugin.errors import FlashInputError, OperatorCapabilityError, UnknownPluginNameError
 from flash_plugin.models.architectures import ldm_alphas_cumprod
 from flash_plugin.models.gaussian_oracle import GaussianOracle
@@ -88,19 +89,6 @@ def oracle():
     mean = 0.3 * torch.randn(SHAPE, generator=g)
     var = 0.1 + 0.5 * torch.rand(SHAPE, generator=g)
     return GaussianOracle(mean, var)
-
-
-def tiny_components(seed=0):
-    from diffusers import AutoencoderKL, UNet2DModel
-
-    torch.manual_seed(seed)
-    ae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
-                       up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                       latent_channels=4, norm_num_groups=8, sample_size=16)
-    unet = UNet2DModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=8)
-    return ae, unet
 
 
 @pytest.fixture(scope="module")

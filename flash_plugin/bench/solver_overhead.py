@@ -50,31 +50,19 @@ class _Clock:
         return sum(self.seconds.values())
 
 
-class _BackwardLeaves(torch.autograd.Function):
-    """Identity at a network's input: its backward runs when the network's backward is done."""
+class _BackwardMark(torch.autograd.Function):
+    """Identity whose backward opens (at a network's output: the network's backward comes next) or
+    closes (at its input: the network's backward is done) the clock entry ``key``."""
 
     @staticmethod
-    def forward(ctx, x, clock, key):
-        ctx.clock, ctx.key = clock, key
+    def forward(ctx, x, clock, key, action):
+        ctx.clock, ctx.key, ctx.action = clock, key, action
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, g):
-        ctx.clock.close(ctx.key)
-        return g, None, None
-
-
-class _BackwardEnters(torch.autograd.Function):
-    """Identity at a network's output: its backward runs right before the network's backward."""
-
-    @staticmethod
-    def forward(ctx, x, clock, key):
-        ctx.clock, ctx.key = clock, key
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        ctx.clock.open(ctx.key)
+        getattr(ctx.clock, ctx.action)(ctx.key)
+        return g, None, None, None
         return g, None, None
 
 
@@ -91,13 +79,13 @@ class TimedModel:
         clock = self._clock
         grad = torch.is_grad_enabled() and x.requires_grad
         if grad:
-            x = _BackwardLeaves.apply(x, clock, key + " bwd")
+            x = _BackwardMark.apply(x, clock, key + " bwd", "close")
         clock.sync()
         t0 = time.perf_counter()
         out = fn(x, *args)
         clock.sync()
         clock.add(key + " fwd", time.perf_counter() - t0)
-        return _BackwardEnters.apply(out, clock, key + " bwd") if grad else out
+        return _BackwardMark.apply(out, clock, key + " bwd", "open") if grad else out
 
     def eps(self, z, t):
         return self._timed("unet", self._model.eps, z, t)
@@ -109,19 +97,26 @@ class TimedModel:
         return self._timed("encoder", self._model.encode, x)
 
 
-def tiny_model():
+def tiny_components(seed: int = 0):
+    """``(autoencoder, unet)``: the random-weight test model's diffusers parts (1x16x16 images,
+    4x8x8 latents); the tests build their tiny LatentDiffusion from these too."""
     from diffusers import AutoencoderKL, UNet2DModel
 
-    from flash_plugin.models.architectures import ldm_alphas_cumprod
-    from flash_plugin.models.latent_diffusion import LatentDiffusion
-
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     ae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
                        latent_channels=4, norm_num_groups=8, sample_size=16)
     unet = UNet2DModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                        norm_num_groups=8)
+    return ae, unet
+
+
+def tiny_model():
+    from flash_plugin.models.architectures import ldm_alphas_cumprod
+    from flash_plugin.models.latent_diffusion import LatentDiffusion
+
+    ae, unet = tiny_components()
     return LatentDiffusion(ae, unet, ldm_alphas_cumprod(), name="tiny-random")
 
 
