@@ -29,7 +29,11 @@ class FlashConfig:
     """Options of the Flash wrapper.
 
     Attributes:
-        noise_correction: the paper's ``c`` in ``sqrt(1 − cσ̂²) ẑ + sqrt(cσ̂²) ε`` (1.0–1.2 typical).
+        noise_correction: the paper's ``c`` in ``sqrt(1 − cσ̂²) ẑ + sqrt(cσ̂²) ε`` (1.0–1.2 typical for
+            the paper's models; ``0`` starts from ``ẑ`` itself, as the official code does without c).
+        variance_scale: ``v``, multiplies ``σ̂²`` before anything uses it (the start step *and* the
+            start noise), i.e. a calibration factor for the encoder; the official code's ``var_mult``
+            (z-fabian/flash-diffusion, unused by its shipped configs). ``1`` = the raw ``σ̂²``.
         start_mode: ``"noise_correction"`` (the paper) or ``"snr_matched"`` (``a_k ẑ + b_k ε``).
         min_step, max_step: clamps on ``k*`` (``max_step=None`` means ``N``).
         force_step: ignore ``σ̂²`` and start every sample at this step (ablations; ``N`` = unwrapped).
@@ -37,6 +41,7 @@ class FlashConfig:
     """
 
     noise_correction: float = 1.0
+    variance_scale: float = 1.0
     start_mode: Literal["noise_correction", "snr_matched"] = "noise_correction"
     min_step: int = 0
     max_step: int | None = None
@@ -44,8 +49,10 @@ class FlashConfig:
     check_latent_space: bool = True
 
     def __post_init__(self) -> None:
-        if not (self.noise_correction > 0 and self.noise_correction < float("inf")):
-            raise FlashInputError(f"noise_correction must be a finite positive number, got {self.noise_correction}")
+        if not (self.noise_correction >= 0 and self.noise_correction < float("inf")):
+            raise FlashInputError(f"noise_correction must be a finite number >= 0, got {self.noise_correction}")
+        if not (self.variance_scale > 0 and self.variance_scale < float("inf")):
+            raise FlashInputError(f"variance_scale must be a finite positive number, got {self.variance_scale}")
         if self.start_mode not in ("noise_correction", "snr_matched"):
             raise FlashInputError(f"start_mode must be 'noise_correction' or 'snr_matched', got {self.start_mode!r}")
 
@@ -96,15 +103,18 @@ class FlashSolver:
         return est
 
     def start_point(self, y: torch.Tensor, generator: GeneratorLike = None) -> tuple[StartPoint, SeverityEstimate]:
-        """Estimate ``(ẑ, σ̂²)`` and build the per-sample start (consumes one normal draw per sample)."""
+        """Estimate ``(ẑ, σ̂²)`` and build the per-sample start (consumes one normal draw per sample).
+
+        The estimate returned is the estimator's own (``σ̂²`` before ``variance_scale``)."""
         est = self.estimate(y)
         sched, cfg = self.schedule, self.config
+        variance = est.variance * cfg.variance_scale if cfg.variance_scale != 1.0 else est.variance
         if cfg.force_step is not None:  # σ̂² is still validated, by start_latent below
             step = torch.full((y.shape[0],), cfg.force_step, dtype=torch.long, device=y.device)
         else:
-            step = select_start_step(sched, est.variance, min_step=cfg.min_step, max_step=cfg.max_step).to(y.device)
+            step = select_start_step(sched, variance, min_step=cfg.min_step, max_step=cfg.max_step).to(y.device)
         eps = randn_per_sample(est.latent.shape, generator, device=y.device, dtype=y.dtype)
-        z, step = start_latent(est.latent.to(y.dtype), est.variance, step, sched, mode=cfg.start_mode,
+        z, step = start_latent(est.latent.to(y.dtype), variance, step, sched, mode=cfg.start_mode,
                                noise_correction=cfg.noise_correction, noise=eps)
         # k = N is a full solve from pure noise: start from the noise itself, as the unwrapped solver does.
         full = (step == sched.num_steps).view(-1, *[1] * (z.ndim - 1))

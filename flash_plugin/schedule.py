@@ -80,7 +80,7 @@ def start_latent(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Start latent per sample and the (possibly clamped) start steps.
 
-    ``mode="noise_correction"``: ``sqrt(1 − cσ̂²) ẑ + sqrt(cσ̂²) ε``. When ``cσ̂² ≥ 1`` the estimate
+    ``mode="noise_correction"``: ``sqrt(1 − cσ̂²) ẑ + sqrt(cσ̂²) ε`` (``c = 0``: ``ẑ``). When ``cσ̂² ≥ 1`` the estimate
     carries no signal at that level; such samples start from pure noise at ``k = N`` and a
     `UserWarning` names them (the paper's code produced NaN there).
     ``mode="snr_matched"``: ``a_k ẑ + b_k ε`` with ``k`` the given step (the exact marginal).
@@ -90,8 +90,8 @@ def start_latent(
     v = check_variance(variance).to(torch.float64)
     if latent.shape[0] != v.shape[0] or step.shape[0] != v.shape[0]:
         raise FlashInputError(f"batch sizes differ: latent {latent.shape[0]}, variance {v.shape[0]}, step {step.shape[0]}")
-    if noise_correction <= 0 or not torch.isfinite(torch.tensor(noise_correction)):
-        raise FlashInputError(f"noise_correction c must be a finite positive number, got {noise_correction}")
+    if not (noise_correction >= 0 and noise_correction < float("inf")):  # also refuses NaN
+        raise FlashInputError(f"noise_correction c must be a finite number >= 0, got {noise_correction}")
     eps = randn_per_sample(latent.shape, generator, device=latent.device, dtype=latent.dtype) if noise is None else noise
     step = step.clone()
     view = (-1,) + (1,) * (latent.ndim - 1)

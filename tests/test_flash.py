@@ -97,6 +97,23 @@ def test_severity_and_start_reported(oracle):
     assert sol.start_step[0] < sol.start_step[1]
 
 
+def test_variance_scale_acts_on_step_and_noise(oracle):
+    """``variance_scale`` v (the official ``var_mult``) starts as if the estimator had said v·σ̂²,
+    and the solution still reports the estimator's own σ̂²."""
+    solver = Sampler(oracle, num_steps=200)
+    y = torch.randn(3, 2, 2, 2)
+    var = [0.02, 0.1, 0.3]
+    scaled = flash(solver, FixedEstimator(var), FlashConfig(variance_scale=2.5, noise_correction=1.2))(y, None, generator=gens([4, 5, 6]))
+    same = flash(solver, FixedEstimator([2.5 * v for v in var]), FlashConfig(noise_correction=1.2))(y, None, generator=gens([4, 5, 6]))
+    plain = flash(solver, FixedEstimator(var), FlashConfig(noise_correction=1.2))(y, None, generator=gens([4, 5, 6]))
+    assert torch.equal(scaled.start_step, same.start_step) and torch.equal(scaled.x, same.x)
+    assert torch.all(scaled.start_step > plain.start_step)
+    assert scaled.severity.tolist() == pytest.approx(var)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(FlashInputError, match="variance_scale"):
+            FlashConfig(variance_scale=bad)
+
+
 def test_bad_inputs(oracle):
     solver = Sampler(oracle, num_steps=100)
     y = torch.randn(2, 2, 2, 2)
@@ -112,8 +129,9 @@ def test_bad_inputs(oracle):
         solver.solve(y, None, start=StartPoint(torch.tensor([0, 101]), torch.zeros(2, 2, 2, 2)))
     with pytest.raises(FlashInputError, match="force_step"):
         flash(solver, FixedEstimator([0.1, 0.1]), FlashConfig(force_step=101))
-    with pytest.raises(FlashInputError, match="noise_correction"):
-        FlashConfig(noise_correction=0.0)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(FlashInputError, match="noise_correction"):
+            FlashConfig(noise_correction=bad)
     flashed = flash(solver, FixedEstimator([0.1, 0.1]))
     with pytest.raises(AlreadyFlashedError, match="already flashed"):
         flash(flashed, FixedEstimator([0.1, 0.1]))

@@ -104,6 +104,12 @@ def test_start_latent_noise_correction_and_guard():
     assert k3[2].item() == s.num_steps and k3[0].item() == k[0].item()
     assert torch.all(torch.isfinite(z))
     torch.testing.assert_close(z[2], noise[2])
+    # c = 0: the start is ẑ itself, at the SNR-matched step
+    z0, k0 = start_latent(zhat, var, k, s, noise_correction=0.0, noise=noise)
+    assert torch.equal(z0, zhat) and torch.equal(k0, k)
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(FlashInputError, match="noise_correction"):
+            start_latent(zhat, var, k, s, noise_correction=bad, noise=noise)
 
 
 def test_start_latent_snr_matched_and_zero_step():

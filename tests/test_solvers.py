@@ -13,6 +13,7 @@ import torch
 
 from flash_plugin.bench.solver_overhead import tiny_components
 from flash_plugin.errors import FlashInputError, OperatorCapabilityError, UnknownPluginNameError
+from flash_plugin.flash import FlashConfig
 from flash_plugin.models.architectures import ldm_alphas_cumprod
 from flash_plugin.models.gaussian_oracle import GaussianOracle
 from flash_plugin.models.latent_diffusion import LatentDiffusion
@@ -543,7 +544,7 @@ def test_hparam_table_is_the_papers_and_make_solver_uses_it(oracle):
     flat = {(s, t): v for t, row in PAPER_FFHQ.items() for s, v in row.items()}
     assert set(PAPER_HPARAMS) == set(flat) and set(TUNED_HPARAMS) == set(PAPER_HPARAMS)
     retuned = {key for key in PAPER_HPARAMS if TUNED_HPARAMS[key] != PAPER_HPARAMS[key]}
-    assert retuned <= {(s, t) for s, (_, res) in recorded_sweeps().items() for t in res}  # each from a sweep
+    assert retuned <= {(s, t) for s, _, res, _ in recorded_sweeps() for t in res}  # each from a sweep
     docs = {"latent-dps": ldps_mod.__doc__, "gml-dps": gml_mod.__doc__, "psld": psld_mod.__doc__, "resample": rs_mod.__doc__}
     for (s, t), v in flat.items():
         h = get_hparams(s, t, source="paper")
@@ -552,6 +553,9 @@ def test_hparam_table_is_the_papers_and_make_solver_uses_it(oracle):
         assert got == v, (s, t)
         line = next(ln for ln in docs[s].splitlines() if ln.strip().startswith(t))
         assert [float(w) for w in line.replace("=", " ").split() if w[0].isdigit()] == [float(x) for x in v], line
+    ldps = get_hparams("latent-dps", "gblur-varying")  # the Flash settings go to FlashConfig, not the solver
+    assert set(ldps.solver_kwargs()) == {"zeta"} and set(ldps.flash_kwargs()) == {"noise_correction", "variance_scale"}
+    FlashConfig(**ldps.flash_kwargs())
     s = make_solver("gml-dps", oracle, "random-inpainting", num_steps=10)
     tuned = get_hparams("gml-dps", "random-inpainting")
     assert isinstance(s, GMLDPS) and (s.zeta, s.gamma, s.schedule.num_steps) == (tuned.zeta, tuned.gamma, 10)
@@ -583,35 +587,38 @@ def test_solvers_are_registered_through_the_plugin_hook():
 
 
 def recorded_sweeps():
-    """``{solver: (param, {task: {value: metrics}})}`` of the committed tuning runs."""
+    """``[(solver, param, {task: {value: metrics}}, {task: settings held fixed})]`` of the committed tuning runs."""
     import json
 
     from flash_plugin.models import DEFAULT_MODEL_DIR
 
-    out = {}
+    out = []
     for path in sorted((DEFAULT_MODEL_DIR / "benchmarks").glob("tune_*.json")):
         rec = json.loads(path.read_text())
-        out[path.stem.removeprefix("tune_")] = (rec.get("param", "zeta"), rec["results"])
+        out.append((rec["solver"], rec["param"], rec["results"], rec["at"]))
     return out
 
 
 def test_tuned_values_are_the_best_of_the_recorded_sweeps():
-    """TUNED_HPARAMS must be what the committed tuning runs measured (best mean PSNR per task), and
-    every entry that differs from the paper's must come from such a sweep."""
+    """TUNED_HPARAMS must be what the committed tuning runs measured (best mean PSNR per task) at the
+    table's current other settings, and every entry that differs from the paper's must come from such sweeps."""
+    from dataclasses import asdict
+
     sweeps = recorded_sweeps()
-    assert "latent-dps" in sweeps
-    swept = set()
-    for solver, (param, results) in sweeps.items():
+    assert {s for s, *_ in sweeps} >= {"latent-dps", "gml-dps", "psld", "resample"}
+    swept: dict[tuple[str, str], set[str]] = {}
+    for solver, param, results, at in sweeps:
         for task, by_value in results.items():
             best = max(by_value, key=lambda v: by_value[v]["psnr"])
-            tuned, paper = get_hparams(solver, task), get_hparams(solver, task, source="paper")
-            assert getattr(tuned, param) == float(best), (solver, task)
-            assert tuned.noise_correction == paper.noise_correction  # c is the paper's
-            others = {k: v for k, v in vars(tuned).items() if k != param}
-            assert others == {k: v for k, v in vars(paper).items() if k != param}, (solver, task)
-            swept.add((solver, task))
-    retuned = {key for key in PAPER_HPARAMS if TUNED_HPARAMS[key] != PAPER_HPARAMS[key]}
-    assert retuned <= swept
+            tuned = asdict(get_hparams(solver, task))
+            assert tuned[param] == float(best), (solver, task, param)
+            # the sweep held every other setting at what the table holds now (else it must be re-run)
+            assert at[task] == {k: v for k, v in tuned.items() if k != param}, (solver, task, param)
+            swept.setdefault((solver, task), set()).add(param)
+    for key in PAPER_HPARAMS:
+        tuned, paper = asdict(TUNED_HPARAMS[key]), asdict(PAPER_HPARAMS[key])
+        changed = {k for k in tuned if tuned[k] != paper[k]}
+        assert changed <= swept.get(key, set()), (key, changed)
 
 
 def test_flash_resample_dc_grid_is_the_official_one(oracle):

@@ -92,7 +92,7 @@ def run_task(
     solver = make_solver(solver_name, model, task=task, progress=progress, **(solver_overrides or {}))
     encoder = model_set.severity_encoder(ENCODER_FOR_TASK[task])
     if flash_config is None:
-        flash_config = FlashConfig(noise_correction=get_hparams(solver_name, task).noise_correction)
+        flash_config = FlashConfig(**get_hparams(solver_name, task).flash_kwargs())
     records: list[Record] = []
     wall: dict[str, float] = {}
     est = None
