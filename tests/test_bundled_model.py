@@ -112,3 +112,8 @@ def test_bench_reports_paired_differences(tmp_path):
     expected = sum(f["psnr"] - b["psnr"] for f, b in zip(per["flash"], per["baseline"])) / 3
     assert d["n"] == 3 and abs(d["mean"] - expected) < 1e-9
     assert all(v >= 0 for v in (res["methods"][m]["fd_fmnist"] for m in res["methods"]))
+    from dataclasses import asdict
+
+    from flash_plugin.solvers.hparams import get_hparams
+
+    assert res["hparams"] == asdict(get_hparams("latent-dps", "gblur-varying")) and res["num_steps"] == 10  # what it ran with

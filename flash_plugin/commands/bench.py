@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from flash_plugin.metrics import ClassifierFeatures
     from flash_plugin.models import load_default_model, load_test_images
     from flash_plugin.operators import get_preset
+    from flash_plugin.solvers.hparams import get_hparams
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     flash_recs = by_method.get("flash", [])
     summary.update({
         "task": args.task, "solver": args.solver, "n_images": n, "offset": args.offset, "seed": args.seed, "source": source,
-        "device": str(args.device), "start_steps": [r.start_step for r in flash_recs], "sigma2": [r.sigma2 for r in flash_recs],
+        "device": str(args.device), "hparams": asdict(get_hparams(args.solver, args.task)), "num_steps": args.num_steps,
+        "start_steps": [r.start_step for r in flash_recs], "sigma2": [r.sigma2 for r in flash_recs],
         "severities": severities.cpu().tolist(),
         "per_image": {m: [{"psnr": r.psnr, "ssim": r.ssim, "nfe": r.nfe} for r in recs] for m, recs in by_method.items()},
     })
