@@ -108,7 +108,7 @@ class FlashSolver:
         The estimate returned is the estimator's own (``σ̂²`` before ``variance_scale``)."""
         est = self.estimate(y)
         sched, cfg = self.schedule, self.config
-        variance = est.variance * cfg.variance_scale if cfg.variance_scale != 1.0 else est.variance
+        variance = est.variance * cfg.variance_scale  # exact for v = 1
         if cfg.force_step is not None:  # σ̂² is still validated, by start_latent below
             step = torch.full((y.shape[0],), cfg.force_step, dtype=torch.long, device=y.device)
         else:

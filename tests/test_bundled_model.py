@@ -117,3 +117,36 @@ def test_bench_reports_paired_differences(tmp_path):
     from flash_plugin.solvers.hparams import get_hparams
 
     assert res["hparams"] == asdict(get_hparams("latent-dps", "gblur-varying")) and res["num_steps"] == 10  # what it ran with
+
+
+def test_tune_records_the_settings_it_held_and_drops_stale_sweeps(tmp_path, monkeypatch):
+    import numpy as np
+
+    from flash_plugin.bench import tune
+    from flash_plugin.data import write_idx
+
+    rng = np.random.default_rng(0)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (1, 28, 28)))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, (1,)))
+    monkeypatch.setenv("FLASH_PLUGIN_FASHION_MNIST", str(tmp_path))
+    out = tmp_path / "out"
+    args = ["--solver", "latent-dps", "--tasks", "gblur-varying", "--param", "variance_scale", "--n-images", "1", "--out", str(out)]
+    path = out / "tune_latent-dps_variance_scale.json"
+
+    def results():
+        return json.loads(path.read_text())["results"]["gblur-varying"]
+
+    assert tune.main(args + ["--values", "1"]) == 0
+    rec = json.loads(path.read_text())
+    assert (rec["solver"], rec["param"]) == ("latent-dps", "variance_scale")
+    assert rec["at"]["gblur-varying"] == tune.settings_at("latent-dps", "gblur-varying", "variance_scale")
+    assert "variance_scale" not in rec["at"]["gblur-varying"] and list(results()) == ["1.0"]
+    assert tune.main(args + ["--values", "0.5"]) == 0  # same settings: the grid is extended
+    assert set(results()) == {"1.0", "0.5"}
+    rec["at"]["gblur-varying"]["zeta"] = 99.0  # as if measured at another ζ: dropped by the next run
+    path.write_text(json.dumps(rec))
+    assert tune.main(args + ["--values", "0.5"]) == 0
+    assert list(results()) == ["0.5"]
+    with pytest.raises(SystemExit, match="sweeps"):
+        tune.read_record(path, "latent-dps", "zeta")
+    assert tune.record_path(out, "resample", "gamma_rs").name == "tune_resample.json"

@@ -41,10 +41,14 @@ def read_record(path: Path, solver: str, param: str) -> dict:
     return record
 
 
+def default_param(solver: str) -> str:
+    """The argument swept when ``--param`` is not given: ``gamma_rs`` for ReSample, else ``zeta``."""
+    return "gamma_rs" if solver == "resample" else "zeta"
+
+
 def record_path(out_dir: str | Path, solver: str, param: str) -> Path:
     """``tune_SOLVER.json`` for the solver's default parameter, ``tune_SOLVER_PARAM.json`` otherwise."""
-    default = "gamma_rs" if solver == "resample" else "zeta"
-    return Path(out_dir) / (f"tune_{solver}.json" if param == default else f"tune_{solver}_{param}.json")
+    return Path(out_dir) / (f"tune_{solver}.json" if param == default_param(solver) else f"tune_{solver}_{param}.json")
 
 
 def settings_at(solver: str, task: str, param: str) -> dict:
@@ -73,7 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="runs/tune")
     args = p.parse_args(argv)
-    param = args.param or ("gamma_rs" if args.solver == "resample" else "zeta")
+    param = args.param or default_param(args.solver)
     if args.threads:
         torch.set_num_threads(args.threads)
     images, _ = load_fashion_mnist("train", limit=args.n_images)
