@@ -94,8 +94,8 @@ def main(argv=None) -> int:
         for value in args.values:
             if param in FLASH_PARAMS:
                 overrides, config = {}, FlashConfig(**{**hp.flash_kwargs(), param: value})
-            else:
-                overrides, config = {param: value}, FlashConfig(**hp.flash_kwargs())
+            else:  # run_task builds the table's FlashConfig itself
+                overrides, config = {param: value}, None
             run = run_task(task, bundle, images, sev, solver_name=args.solver, methods=("flash",), seed=args.seed,
                            solver_overrides=overrides, flash_config=config)
             recs = run.by_method("flash")
