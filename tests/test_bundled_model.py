@@ -150,3 +150,47 @@ def test_tune_records_the_settings_it_held_and_drops_stale_sweeps(tmp_path, monk
     with pytest.raises(SystemExit, match="sweeps"):
         tune.read_record(path, "latent-dps", "zeta")
     assert tune.record_path(out, "resample", "gamma_rs").name == "tune_resample.json"
+
+
+def _fake_bench(solver: str, task: str, d_psnr: float) -> dict:
+    """A bench JSON as `flash-plugin bench` writes it (only the fields the suite reads)."""
+    methods = {m: {"psnr": 20.0 + (d_psnr if m == "flash" else 0.0), "ssim": 0.7, "mean_nfe": {"baseline": 1000, "flash": 50, "ae": 0}[m],
+                   "fd_fmnist": 10.0, "wall_s": 1.0} for m in ("baseline", "flash", "ae")}
+    paired = {f"flash-baseline:{q}": {"mean": d_psnr if q == "psnr" else 0.01, "se": 0.1, "n": 2} for q in ("psnr", "ssim")}
+    return {"solver": solver, "task": task, "n_images": 2, "offset": 0, "seed": 0, "device": "cuda", "methods": methods,
+            "paired": paired, "start_steps": [10, 90]}
+
+
+def test_suite_covers_the_table_resumes_and_reports_failures(tmp_path, monkeypatch):
+    from flash_plugin.bench import suite
+    from flash_plugin.commands import bench
+    from flash_plugin.errors import FlashInputError
+    from flash_plugin.solvers.hparams import TUNED_HPARAMS
+
+    all_pairs = suite.pairs()
+    assert set(all_pairs) == set(TUNED_HPARAMS) and ("psld", "nonlinear-blur") not in all_pairs
+    assert suite.pairs(["psld"], ["nonlinear-blur"]) == []
+    with pytest.raises(FlashInputError, match="unknown solver"):
+        suite.pairs(["dps-typo"])
+    # One pair already measured (on another device): kept, not re-run. The other one breaks: reported, exit 1.
+    (tmp_path / "bench_gblur-varying_psld.json").write_text(json.dumps(_fake_bench("psld", "gblur-varying", 0.5)))
+    calls = []
+
+    def broken(args):
+        calls.append((args.solver, args.task, args.device))
+        raise RuntimeError("solver exploded")
+
+    monkeypatch.setattr(bench, "run", broken)
+    common = ["--out", str(tmp_path), "--n-images", "2", "--solvers", "psld", "--tasks", "gblur-varying", "random-inpainting"]
+    assert suite.main(common + ["--report-only"]) == 0 and calls == []
+    assert suite.main(common) == 1
+    assert calls == [("psld", "random-inpainting", "cpu")]
+    rows = json.loads((tmp_path / "suite.json").read_text())
+    assert [(r["solver"], r["task"], r["d_psnr"], r["device"]) for r in rows] == [("psld", "gblur-varying", 0.5, "cuda")]
+    table = (tmp_path / "suite.md").read_text()
+    assert "| gblur-varying | psld | 20.00 / 0.700 (1000) | 20.50 / 0.700 (50.0) | +0.50 ± 0.10" in table
+    assert "10 / 90 / 90" in table and "(cuda)" in table
+    # Other images (n = 3): the stored result no longer counts, so the pair is run again.
+    calls.clear()
+    assert suite.main(["--out", str(tmp_path), "--n-images", "3", "--solvers", "psld", "--tasks", "gblur-varying"]) == 1
+    assert calls == [("psld", "gblur-varying", "cpu")]

@@ -1,6 +1,6 @@
 """Model-card numbers of the bundled default model ``fashion-mnist-32``.
 
-    python -m flash_plugin.bench.model_card_metrics --out DIR [--n-samples 1000] [--ddpm-samples 0]
+    python -m flash_plugin.bench.model_card_metrics --out DIR [--n-samples 1000] [--ddpm-samples 0] [--device cpu]
 
 On the Fashion-MNIST test split (10,000 images, 32x32, [-1, 1]) it measures:
 
@@ -93,7 +93,8 @@ def _save_grid(images: torch.Tensor, path: Path, ncols: int, title: str) -> None
     tmp.replace(path)
 
 
-def _sample(model, n: int, num_steps: int, eta: float, batch_size: int, seed: int, log) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _sample(model, n: int, num_steps: int, eta: float, batch_size: int, seed: int, log,
+            device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, float]:
     from flash_plugin.solvers.base import Sampler
 
     sampler = Sampler(model, num_steps=num_steps, eta=eta)
@@ -102,15 +103,16 @@ def _sample(model, n: int, num_steps: int, eta: float, batch_size: int, seed: in
     for b, i in enumerate(range(0, n, batch_size)):
         m = min(batch_size, n - i)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + b)
-        sol = sampler.solve(torch.zeros(m, 1), None, generator=gen)
-        xs.append(sol.x)
-        nfes.append(sol.nfe)
+        sol = sampler.solve(torch.zeros(m, 1, device=device), None, generator=gen)
+        xs.append(sol.x.cpu())
+        nfes.append(sol.nfe.cpu())
         log(f"  {num_steps}-step sampling: {i + m}/{n} ({time.time() - t0:.0f} s)")
     return torch.cat(xs), torch.cat(nfes), time.time() - t0
 
 
 def run(out: str | Path, *, n_samples: int = 1000, ddpm_samples: int = 0, batch_size: int = 250, seed: int = 0,
-        threads: int = 1, weights: str | Path = DEFAULT_WEIGHTS, data_root: str | None = None, quiet: bool = False) -> dict:
+        threads: int = 1, weights: str | Path = DEFAULT_WEIGHTS, data_root: str | None = None, quiet: bool = False,
+        device: str = "cpu") -> dict:
     from flash_plugin.data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
     from flash_plugin.metrics import ClassifierFeatures, frechet_distance, psnr, ssim, summarize_nfe
     from flash_plugin.models.classifier import load_classifier
@@ -132,7 +134,7 @@ def run(out: str | Path, *, n_samples: int = 1000, ddpm_samples: int = 0, batch_
     x_test, y_test = load_fashion_mnist("test", data_root)
     if n_samples >= len(x_test):
         raise FlashInputError(f"--n-samples must be below the test split size {len(x_test)} (the rest is the FD reference)")
-    model = LatentDiffusion.from_pretrained(weights)
+    model = LatentDiffusion.from_pretrained(weights).to(device)
     clf = load_classifier(Path(weights) / "classifier")
     feats = ClassifierFeatures(clf)
     names = tuple(getattr(clf, "class_names", ()) or CLASS_NAMES)
@@ -149,7 +151,7 @@ def run(out: str | Path, *, n_samples: int = 1000, ddpm_samples: int = 0, batch_
     recs = []
     with torch.no_grad():
         for i in range(0, len(x_test), 500):
-            recs.append(model.decode(model.encode(x_test[i : i + 500])))
+            recs.append(model.decode(model.encode(x_test[i : i + 500].to(device))).cpu())
     rec = torch.cat(recs)
     timings["ae_reconstruction_s"] = time.time() - t
     log(f"AE reconstructions of {len(x_test)} test images in {timings['ae_reconstruction_s']:.0f} s")
@@ -183,7 +185,7 @@ def run(out: str | Path, *, n_samples: int = 1000, ddpm_samples: int = 0, batch_
 
     # ---- unconditional samples ----------------------------------------------------------------
     samples: dict[str, dict] = {}
-    x_ddim, nfe, secs = _sample(model, n, 100, 0.0, batch_size, seed, log)
+    x_ddim, nfe, secs = _sample(model, n, 100, 0.0, batch_size, seed, log, device)
     timings["ddim100_sampling_s"] = secs
     f_s, p_s = feats.features_and_predictions(x_ddim)
     fd["ddim100_eta0"] = frechet_distance(f_s, ref)
@@ -200,7 +202,7 @@ def run(out: str | Path, *, n_samples: int = 1000, ddpm_samples: int = 0, batch_
     _save_grid(x_ddim[:64], out / "samples.png", 8, f"fashion-mnist-32: 64 unconditional DDIM-100 samples (eta=0, seed {seed})")
 
     if ddpm_samples:
-        x_ddpm, nfe_p, secs_p = _sample(model, ddpm_samples, 1000, 1.0, batch_size, seed + 1, log)
+        x_ddpm, nfe_p, secs_p = _sample(model, ddpm_samples, 1000, 1.0, batch_size, seed + 1, log, device)
         timings["ddpm1000_sampling_s"] = secs_p
         f_p, p_p = feats.features_and_predictions(x_ddpm)
         fd["ddpm1000_n"] = ddpm_samples
@@ -241,6 +243,7 @@ def run(out: str | Path, *, n_samples: int = 1000, ddpm_samples: int = 0, batch_
             "command": "python -m flash_plugin.bench.model_card_metrics " + " ".join(sys.argv[1:]),
             "seed": seed,
             "threads": threads,
+            "device": str(device),
             "batch_size": batch_size,
             "torch_version": torch.__version__,
             "python": platform.python_version(),
@@ -264,9 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="model directory (with a classifier/ subfolder)")
     p.add_argument("--data-root", default=None, help="directory with the Fashion-MNIST IDX files")
+    p.add_argument("--device", default="cpu", help="where the autoencoder and the sampling run (the classifier features run on CPU)")
     a = p.parse_args(argv)
     run(a.out, n_samples=a.n_samples, ddpm_samples=a.ddpm_samples, batch_size=a.batch_size, seed=a.seed,
-        threads=a.threads, weights=a.weights, data_root=a.data_root)
+        threads=a.threads, weights=a.weights, data_root=a.data_root, device=a.device)
     return 0
 
 
