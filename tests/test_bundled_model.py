@@ -150,6 +150,12 @@ def test_tune_records_the_settings_it_held_and_drops_stale_sweeps(tmp_path, monk
     with pytest.raises(SystemExit, match="sweeps"):
         tune.read_record(path, "latent-dps", "zeta")
     assert tune.record_path(out, "resample", "gamma_rs").name == "tune_resample.json"
+    # A sweep of the baseline from noise goes to its own record and never into the Flash one.
+    assert tune.record_path(out, "latent-dps", "zeta", "baseline").name == "tune_latent-dps_baseline.json"
+    with pytest.raises(SystemExit, match="flash 'latent-dps', not 'variance_scale' of baseline"):
+        tune.read_record(path, "latent-dps", "variance_scale", "baseline")
+    with pytest.raises(SystemExit, match="Flash setting"):
+        tune.main(args + ["--values", "1", "--method", "baseline"])
 
 
 def _fake_bench(solver: str, task: str, d_psnr: float) -> dict:

@@ -15,6 +15,10 @@ what that file holds: a later run may add tasks or extend a task's grid (a value
 replaced); a task swept before at other settings is swept anew (its old values are dropped).
 The best-PSNR value per task is what `flash_plugin.solvers.hparams.TUNED_HPARAMS` holds.
 
+``--method baseline`` sweeps the solver run from noise instead (all ``N`` steps, slow): a fairness
+check that the table's values, tuned for Flash, do not handicap the baseline Flash is compared
+with. It writes ``tune_SOLVER[_PARAM]_baseline.json``, which does not define the table.
+
     python -m flash_plugin.bench.tune --solver latent-dps --tasks gblur-varying --param variance_scale --values 1 2 4
 """
 
@@ -30,14 +34,16 @@ from pathlib import Path
 import torch
 
 
-def read_record(path: Path, solver: str, param: str) -> dict:
+def read_record(path: Path, solver: str, param: str, method: str = "flash") -> dict:
     """The sweep record at ``path`` (an empty one if missing); refuses one that sweeps another parameter."""
-    record = json.loads(path.read_text()) if path.exists() else {"solver": solver, "param": param, "runs": [], "results": {}, "at": {}}
-    if record.get("param", "zeta") != param or record.get("solver", solver) != solver:
-        raise SystemExit(f"{path} sweeps {record.get('param')!r} of {record.get('solver')!r}, not {param!r} of {solver!r}: use another --out")
+    record = json.loads(path.read_text()) if path.exists() else {"solver": solver, "param": param, "method": method, "runs": [],
+                                                                   "results": {}, "at": {}}
+    if record.get("param", "zeta") != param or record.get("solver", solver) != solver or record.get("method", "flash") != method:
+        raise SystemExit(f"{path} sweeps {record.get('param')!r} of {record.get('method', 'flash')} {record.get('solver')!r}, "
+                         f"not {param!r} of {method} {solver!r}: use another --out")
     record.setdefault("runs", [record.pop("args")] if "args" in record else [])
     record.setdefault("at", {})
-    record["solver"], record["param"] = solver, param
+    record["solver"], record["param"], record["method"] = solver, param, method
     return record
 
 
@@ -46,9 +52,11 @@ def default_param(solver: str) -> str:
     return "gamma_rs" if solver == "resample" else "zeta"
 
 
-def record_path(out_dir: str | Path, solver: str, param: str) -> Path:
-    """``tune_SOLVER.json`` for the solver's default parameter, ``tune_SOLVER_PARAM.json`` otherwise."""
-    return Path(out_dir) / (f"tune_{solver}.json" if param == default_param(solver) else f"tune_{solver}_{param}.json")
+def record_path(out_dir: str | Path, solver: str, param: str, method: str = "flash") -> Path:
+    """``tune_SOLVER.json`` for the solver's default parameter, ``tune_SOLVER_PARAM.json`` otherwise;
+    ``..._baseline.json`` for a sweep of the solver from noise."""
+    stem = f"tune_{solver}" if param == default_param(solver) else f"tune_{solver}_{param}"
+    return Path(out_dir) / (stem + ("_baseline" if method == "baseline" else "") + ".json")
 
 
 def settings_at(solver: str, task: str, param: str) -> dict:
@@ -72,19 +80,23 @@ def main(argv=None) -> int:
     p.add_argument("--param", default=None, help="solver argument or Flash setting (noise_correction, variance_scale) "
                    "to sweep (default: zeta; gamma_rs for resample)")
     p.add_argument("--values", "--zetas", dest="values", nargs="+", type=float, default=[0.5, 1.0, 2.0, 4.0, 7.0])
+    p.add_argument("--method", choices=["flash", "baseline"], default="flash",
+                   help="sweep Flash(solver) (what the table is tuned for) or the solver from noise (a fairness check)")
     p.add_argument("--n-images", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="runs/tune")
     args = p.parse_args(argv)
     param = args.param or default_param(args.solver)
+    if args.method == "baseline" and param in FLASH_PARAMS:
+        raise SystemExit(f"--param {param} is a Flash setting: the baseline does not use it")
     if args.threads:
         torch.set_num_threads(args.threads)
     images, _ = load_fashion_mnist("train", limit=args.n_images)
     bundle = load_default_model()
-    out = record_path(args.out, args.solver, param)
+    out = record_path(args.out, args.solver, param, args.method)
     this_run = {**vars(args), "param": param}
-    read_record(out, args.solver, param)  # refuse a record of another parameter before spending any time
+    read_record(out, args.solver, param, args.method)  # refuse a record of another parameter before spending any time
     t0 = time.perf_counter()
     for task in args.tasks:
         lo, hi = get_preset(task).severity_range
@@ -96,9 +108,9 @@ def main(argv=None) -> int:
                 overrides, config = {}, FlashConfig(**{**hp.flash_kwargs(), param: value})
             else:  # run_task builds the table's FlashConfig itself
                 overrides, config = {param: value}, None
-            run = run_task(task, bundle, images, sev, solver_name=args.solver, methods=("flash",), seed=args.seed,
+            run = run_task(task, bundle, images, sev, solver_name=args.solver, methods=(args.method,), seed=args.seed,
                            solver_overrides=overrides, flash_config=config)
-            recs = run.by_method("flash")
+            recs = run.by_method(args.method)
             res = measured[str(value)] = {"psnr": sum(r.psnr for r in recs) / len(recs),
                                           "ssim": sum(r.ssim for r in recs) / len(recs),
                                           "mean_nfe": sum(r.nfe for r in recs) / len(recs)}
@@ -106,7 +118,7 @@ def main(argv=None) -> int:
                   f"  NFE {res['mean_nfe']:.1f}  ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         # read-merge-write after every task: a long sweep keeps what it measured, and two sweeps of
         # the same solver running side by side do not overwrite each other's tasks
-        record = read_record(out, args.solver, param)
+        record = read_record(out, args.solver, param, args.method)
         if this_run not in record["runs"]:
             record["runs"].append(this_run)
         at = settings_at(args.solver, task, param)
