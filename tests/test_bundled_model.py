@@ -117,6 +117,20 @@ def test_bench_reports_paired_differences(tmp_path):
     from flash_plugin.solvers.hparams import get_hparams
 
     assert res["hparams"] == asdict(get_hparams("latent-dps", "gblur-varying")) and res["num_steps"] == 10  # what it ran with
+    # A solver argument overridden on the command line is used and recorded (here: ζ of the baseline).
+    out2 = tmp_path / "zeta"
+    assert main(["bench", "--n-images", "3", "--batch-size", "3", "--num-steps", "10", "--methods", "baseline",
+                 "--solver-arg", "zeta=3", "--out", str(out2)]) == 0
+    res2 = json.loads((out2 / "bench_gblur-varying_latent-dps.json").read_text())
+    assert res2["hparams"]["zeta"] == 3.0 and res2["hparams"]["noise_correction"] == res["hparams"]["noise_correction"]
+    assert res2["methods"]["baseline"]["psnr"] != res["methods"]["baseline"]["psnr"]  # ζ = 3 is another reconstruction
+    from flash_plugin.commands.bench import parse_solver_args
+    from flash_plugin.errors import FlashInputError
+
+    with pytest.raises(FlashInputError, match="NAME one of"):
+        parse_solver_args(["gamma_rs=5"], "latent-dps", "gblur-varying")
+    with pytest.raises(FlashInputError, match="not a number"):
+        parse_solver_args(["zeta=big"], "latent-dps", "gblur-varying")
 
 
 def test_tune_records_the_settings_it_held_and_drops_stale_sweeps(tmp_path, monkeypatch):

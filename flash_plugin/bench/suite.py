@@ -38,7 +38,7 @@ def pairs(solvers=None, tasks=None) -> list[tuple[str, str]]:
 
 def bench_args(solver: str, task: str, a: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(task=task, solver=solver, n_images=a.n_images, offset=a.offset, batch_size=a.batch_size,
-                              num_steps=None, methods=["baseline", "flash", "ae"], data=a.data, seed=a.seed,
+                              num_steps=None, solver_arg=[], methods=["baseline", "flash", "ae"], data=a.data, seed=a.seed,
                               device=a.device, threads=a.threads, out=a.out, progress=False)
 
 

@@ -6,7 +6,9 @@ task preset's evaluation range with a per-image seed, reports per method the mea
 NFE, the paired differences Flash − baseline and Flash − AE-only with standard errors, and the
 Fréchet distance in the features of flash-plugin's own Fashion-MNIST classifier ("FD-FMNIST",
 not Inception FID) of each method's reconstructions vs. the clean images. Writes
-``bench_<task>_<solver>.json`` to ``--out``.
+``bench_<task>_<solver>.json`` to ``--out``. ``--solver-arg zeta=1.0`` runs with a solver argument
+other than the table's (recorded under "hparams"; the file name stays the same, so give another
+``--out``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--offset", type=int, default=0, help="first test image")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--num-steps", type=int, default=None, help="override the solver's N (default: its paper setting)")
+    p.add_argument("--solver-arg", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a numeric solver argument of the table, e.g. zeta=1.0 (repeatable; recorded in the JSON)")
     p.add_argument("--methods", nargs="+", default=["baseline", "flash", "ae"], choices=["baseline", "flash", "ae"])
     p.add_argument("--data", default=None, help="Fashion-MNIST directory (default: search; the 64 bundled images if absent)")
     p.add_argument("--seed", type=int, default=0)
@@ -62,6 +66,24 @@ def summarize(records_by_method: dict, clean, features=None) -> dict:
     return out
 
 
+def parse_solver_args(items: list[str], solver: str, task: str) -> dict[str, float]:
+    """``["zeta=1.0"]`` -> ``{"zeta": 1.0}``; only the solver arguments the table has for this (solver, task)."""
+    from flash_plugin.errors import FlashInputError
+    from flash_plugin.solvers.hparams import get_hparams
+
+    allowed = get_hparams(solver, task).solver_kwargs()
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in allowed:
+            raise FlashInputError(f"--solver-arg {item!r}: expected NAME=VALUE with NAME one of {sorted(allowed)} for {solver} on {task}")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise FlashInputError(f"--solver-arg {item!r}: {value!r} is not a number") from None
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -72,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
     from flash_plugin.operators import get_preset
     from flash_plugin.solvers.hparams import get_hparams
 
+    overrides = parse_solver_args(getattr(args, "solver_arg", []), args.solver, args.task)
+    if args.num_steps is not None:
+        overrides["num_steps"] = args.num_steps
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -93,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         sl = slice(i, i + args.batch_size)
         r = run_task(args.task, model_set, images[sl], severities[sl], solver_name=args.solver, methods=tuple(args.methods),
                      seed=args.seed * 1_000_003 + i, progress=args.progress,
-                     solver_overrides=None if args.num_steps is None else {"num_steps": args.num_steps})
+                     solver_overrides=overrides)
         for m in args.methods:
             by_method.setdefault(m, []).extend(r.by_method(m))
             runs_wall[m] = runs_wall.get(m, 0.0) + r.wall_s[m]
@@ -107,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
     flash_recs = by_method.get("flash", [])
     summary.update({
         "task": args.task, "solver": args.solver, "n_images": n, "offset": args.offset, "seed": args.seed, "source": source,
-        "device": str(args.device), "hparams": asdict(get_hparams(args.solver, args.task)), "num_steps": args.num_steps,
+        "device": str(args.device), "hparams": {**asdict(get_hparams(args.solver, args.task)), **{k: v for k, v in overrides.items() if k != "num_steps"}},
+        "num_steps": args.num_steps,
         "start_steps": [r.start_step for r in flash_recs], "sigma2": [r.sigma2 for r in flash_recs],
         "severities": severities.cpu().tolist(),
         "per_image": {m: [{"psnr": r.psnr, "ssim": r.ssim, "nfe": r.nfe} for r in recs] for m, recs in by_method.items()},
