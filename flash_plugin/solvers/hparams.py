@@ -45,6 +45,12 @@ Latent-DPS by 0.1–0.4 dB at c = 0 (it lost 0.2 dB at c = 1.2); it was swept fo
 
 The step sizes come out 2–30x smaller than the paper's FFHQ values, except on the fixed blur
 (1.3–3.5x larger); ReSample's γ_rs ends far above the paper's 200–2000, where PSNR is flat.
+
+The values are tuned for Flash(solver), and the benchmarks run the baseline (the solver from
+noise) with the same values. Fairness check on gblur-varying, the same 24 training images
+(``tune --method baseline``, ``tune_<solver>_baseline.json``): Latent-DPS from noise is also best
+at ζ = 0.5 (19.72 dB; 19.40 at 0.25, 19.15 at 1, 18.37 at 2), and ReSample from noise is flat in
+γ_rs (17.99 dB at 3200 and at 25600, 17.67 at the paper's 400).
 """
 
 from __future__ import annotations
