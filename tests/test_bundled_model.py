@@ -99,7 +99,7 @@ def test_demo_quick_with_default_steps(tmp_path):
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
 
 
-def test_bench_reports_paired_differences(tmp_path):
+def test_bench_reports_paired_differences(tmp_path, capsys):
     from flash_plugin.cli import main
 
     assert main(["bench", "--n-images", "3", "--batch-size", "3", "--num-steps", "10", "--out", str(tmp_path)]) == 0
@@ -124,8 +124,25 @@ def test_bench_reports_paired_differences(tmp_path):
     res2 = json.loads((out2 / "bench_gblur-varying_latent-dps.json").read_text())
     assert res2["hparams"]["zeta"] == 3.0 and res2["hparams"]["noise_correction"] == res["hparams"]["noise_correction"]
     assert res2["methods"]["baseline"]["psnr"] != res["methods"]["baseline"]["psnr"]  # ζ = 3 is another reconstruction
-    from flash_plugin.commands.bench import parse_solver_args
+    # Reusing the baseline of the first run: the same per-image baseline, a fresh Flash, the origin recorded.
+    out3 = tmp_path / "reuse"
+    first = str(tmp_path / "bench_gblur-varying_latent-dps.json")
+    common = ["bench", "--n-images", "3", "--batch-size", "3", "--num-steps", "10"]
+    assert main(common + ["--reuse-baseline", first, "--out", str(out3)]) == 0
+    res3 = json.loads((out3 / "bench_gblur-varying_latent-dps.json").read_text())
+    assert res3["per_image"]["baseline"] == res["per_image"]["baseline"] and res3["baseline_from"]["file"] == first
+    assert res3["per_image"]["flash"] == res["per_image"]["flash"] and res3["paired"] == res["paired"]
+    assert res3["methods"]["baseline"]["fd_fmnist"] == res["methods"]["baseline"]["fd_fmnist"]
     from flash_plugin.errors import FlashInputError
+
+    capsys.readouterr()
+    # the baseline would be another one:
+    assert main(common + ["--solver-arg", "zeta=3", "--reuse-baseline", first, "--out", str(out3)]) != 0
+    assert re.search("differs in .*solver arguments", capsys.readouterr().err)
+    # other batches: other seeds, other measurements:
+    assert main(["bench", "--n-images", "3", "--batch-size", "1", "--num-steps", "10", "--reuse-baseline", first, "--out", str(out3)]) != 0
+    assert "AE-only differs" in capsys.readouterr().err
+    from flash_plugin.commands.bench import parse_solver_args
 
     with pytest.raises(FlashInputError, match="NAME one of"):
         parse_solver_args(["gamma_rs=5"], "latent-dps", "gblur-varying")

@@ -38,7 +38,7 @@ def pairs(solvers=None, tasks=None) -> list[tuple[str, str]]:
 
 def bench_args(solver: str, task: str, a: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(task=task, solver=solver, n_images=a.n_images, offset=a.offset, batch_size=a.batch_size,
-                              num_steps=None, solver_arg=[], methods=["baseline", "flash", "ae"], data=a.data, seed=a.seed,
+                              num_steps=None, solver_arg=[], reuse_baseline=None, methods=["baseline", "flash", "ae"], data=a.data, seed=a.seed,
                               device=a.device, threads=a.threads, out=a.out, progress=False)
 
 
@@ -47,10 +47,18 @@ def row(d: dict) -> dict:
     return {
         "solver": d["solver"], "task": d["task"], "n": d["n_images"], "device": d["device"],
         **{f"{k}_{q}": m[k][q] for k in ("baseline", "flash", "ae") for q in ("psnr", "ssim", "mean_nfe", "fd_fmnist", "wall_s")},
+        "baseline_device": (d.get("baseline_from") or {}).get("device", d["device"]),
         **{f"d_{q}": p[f"flash-baseline:{q}"]["mean"] for q in ("psnr", "ssim")},
         **{f"d_{q}_se": p[f"flash-baseline:{q}"]["se"] for q in ("psnr", "ssim")},
         "k_star_min_median_max": [min(d["start_steps"]), sorted(d["start_steps"])[len(d["start_steps"]) // 2], max(d["start_steps"])],
     }
+
+
+def wall(r: dict) -> str:
+    """Wall times of the row, with the device(s) they were measured on."""
+    if r.get("baseline_device", r["device"]) == r["device"]:
+        return f"{r['baseline_wall_s']:.0f} / {r['flash_wall_s']:.0f} ({r['device']})"
+    return f"{r['baseline_wall_s']:.0f} ({r['baseline_device']}) / {r['flash_wall_s']:.0f} ({r['device']})"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -65,7 +73,7 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['ae_psnr']:.2f} / {r['ae_ssim']:.3f} "
             f"| {r['baseline_fd_fmnist']:.1f} / {r['flash_fd_fmnist']:.1f} / {r['ae_fd_fmnist']:.1f} "
             f"| {' / '.join(str(k) for k in r['k_star_min_median_max'])} "
-            f"| {r['baseline_wall_s']:.0f} / {r['flash_wall_s']:.0f} ({r['device']}) |")
+            f"| {wall(r)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 
 def add_parser(subparsers) -> None:
@@ -32,6 +33,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-steps", type=int, default=None, help="override the solver's N (default: its paper setting)")
     p.add_argument("--solver-arg", action="append", default=[], metavar="NAME=VALUE",
                    help="override a numeric solver argument of the table, e.g. zeta=1.0 (repeatable; recorded in the JSON)")
+    p.add_argument("--reuse-baseline", default=None, metavar="JSON",
+                   help="take the baseline from this earlier bench JSON instead of running it again (only when the "
+                        "solver arguments, images, severities and measurements are the same; checked through AE-only)")
     p.add_argument("--methods", nargs="+", default=["baseline", "flash", "ae"], choices=["baseline", "flash", "ae"])
     p.add_argument("--data", default=None, help="Fashion-MNIST directory (default: search; the 64 bundled images if absent)")
     p.add_argument("--seed", type=int, default=0)
@@ -55,7 +59,7 @@ def summarize(records_by_method: dict, clean, features=None) -> dict:
             "mean_nfe": sum(r.nfe for r in recs) / len(recs),
             "n": len(recs),
         }
-        if features is not None:
+        if features is not None and all(r.x is not None for r in recs):
             out["methods"][m]["fd_fmnist"] = frechet_distance(features(torch.stack([r.x for r in recs])), features(clean))
     for a, b in (("flash", "baseline"), ("flash", "ae"), ("baseline", "ae")):
         if a in records_by_method and b in records_by_method:
@@ -84,6 +88,23 @@ def parse_solver_args(items: list[str], solver: str, task: str) -> dict[str, flo
     return out
 
 
+def reusable_baseline(path: str | Path, expect: dict, solver_kwargs: dict) -> dict:
+    """The earlier bench JSON at ``path`` if its baseline is what this run would compute, else a clear error."""
+    from flash_plugin.errors import FlashInputError
+    from flash_plugin.solvers.hparams import FLASH_PARAMS
+
+    old = json.loads(Path(path).read_text())
+    if "baseline" not in old.get("per_image", {}) or "ae" not in old["per_image"]:
+        raise FlashInputError(f"{path} has no per-image baseline and AE-only results to reuse")
+    old_kwargs = {k: v for k, v in old.get("hparams", {}).items() if k not in FLASH_PARAMS and v is not None}
+    diff = {k: (old.get(k), v) for k, v in expect.items() if old.get(k) != v}
+    if old_kwargs != solver_kwargs:
+        diff["solver arguments"] = (old_kwargs, solver_kwargs)
+    if diff:
+        raise FlashInputError(f"cannot reuse the baseline of {path}: it differs in {diff} (earlier, now)")
+    return old
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -92,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     from flash_plugin.metrics import ClassifierFeatures
     from flash_plugin.models import load_default_model, load_test_images
     from flash_plugin.operators import get_preset
+    from flash_plugin.errors import FlashInputError
     from flash_plugin.solvers.hparams import get_hparams
 
     overrides = parse_solver_args(getattr(args, "solver_arg", []), args.solver, args.task)
@@ -111,28 +133,52 @@ def run(args: argparse.Namespace) -> int:
     g = torch.Generator().manual_seed(args.seed)
     severities = preset.sample_severity(n, g).to(torch.float32).to(args.device)
     model_set = load_default_model(device=args.device)
+    methods = list(args.methods)
+    reused = None
+    if getattr(args, "reuse_baseline", None):
+        if "ae" not in methods or "baseline" not in methods:
+            raise FlashInputError("--reuse-baseline needs --methods to include baseline and ae (AE-only checks the measurements)")
+        hp = get_hparams(args.solver, args.task)
+        kwargs = {**hp.solver_kwargs(), **{k: v for k, v in overrides.items() if k != "num_steps"}}
+        reused = reusable_baseline(args.reuse_baseline, {"task": args.task, "solver": args.solver, "n_images": n,
+                                                        "offset": args.offset, "seed": args.seed, "num_steps": args.num_steps,
+                                                        "severities": severities.cpu().tolist()}, kwargs)
+        methods.remove("baseline")
     by_method: dict = {}
     runs_wall: dict = {}
     t0 = time.perf_counter()
     for i in range(0, n, args.batch_size):
         sl = slice(i, i + args.batch_size)
-        r = run_task(args.task, model_set, images[sl], severities[sl], solver_name=args.solver, methods=tuple(args.methods),
+        r = run_task(args.task, model_set, images[sl], severities[sl], solver_name=args.solver, methods=tuple(methods),
                      seed=args.seed * 1_000_003 + i, progress=args.progress,
                      solver_overrides=overrides)
-        for m in args.methods:
+        for m in methods:
             by_method.setdefault(m, []).extend(r.by_method(m))
             runs_wall[m] = runs_wall.get(m, 0.0) + r.wall_s[m]
         print(f"[bench] {min(i + args.batch_size, n)}/{n} images ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    if reused is not None:
+        # The same measurements give the same AE-only result (up to float noise): else the batches or seeds differed.
+        worst = max(abs(a.psnr - b["psnr"]) for a, b in zip(by_method["ae"], reused["per_image"]["ae"]))
+        if worst > 0.01:
+            raise FlashInputError(f"cannot reuse the baseline of {args.reuse_baseline}: AE-only differs by up to {worst:.3f} dB "
+                                  "per image, so the measurements differ (another --batch-size?)")
+        by_method["baseline"] = [SimpleNamespace(x=None, **r) for r in reused["per_image"]["baseline"]]
+        runs_wall["baseline"] = reused["methods"]["baseline"]["wall_s"]
+        by_method = {m: by_method[m] for m in args.methods}
     feats = ClassifierFeatures()
     summary = summarize(by_method, images.cpu(), feats)
     for m in args.methods:
         summary["methods"][m]["wall_s"] = runs_wall[m]
-    if "baseline" in runs_wall and "flash" in runs_wall:
-        summary["speedup_wall"] = runs_wall["baseline"] / runs_wall["flash"]
+    if reused is not None:
+        summary["methods"]["baseline"]["fd_fmnist"] = reused["methods"]["baseline"]["fd_fmnist"]
+        summary["baseline_from"] = {"file": str(args.reuse_baseline), "device": reused.get("device"),
+                                    "note": "baseline per-image results, FD and wall time copied from this run"}
+    if "baseline" in runs_wall and "flash" in runs_wall and (reused is None or reused.get("device") == str(args.device)):
+        summary["speedup_wall"] = runs_wall["baseline"] / runs_wall["flash"]  # only when both ran on this device
     flash_recs = by_method.get("flash", [])
     summary.update({
         "task": args.task, "solver": args.solver, "n_images": n, "offset": args.offset, "seed": args.seed, "source": source,
-        "device": str(args.device), "hparams": {**asdict(get_hparams(args.solver, args.task)), **{k: v for k, v in overrides.items() if k != "num_steps"}},
+        "device": str(args.device), "batch_size": args.batch_size, "hparams": {**asdict(get_hparams(args.solver, args.task)), **{k: v for k, v in overrides.items() if k != "num_steps"}},
         "num_steps": args.num_steps,
         "start_steps": [r.start_step for r in flash_recs], "sigma2": [r.sigma2 for r in flash_recs],
         "severities": severities.cpu().tolist(),
