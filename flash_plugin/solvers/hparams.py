@@ -24,24 +24,25 @@ whose 8×8 latent and operators differ from the paper's), `make_solver`'s defaul
 swept with `python -m flash_plugin.bench.tune` for Flash(solver) on 24 training images, the
 other settings held at the table's (one coordinate at a time, re-swept until none moved): ζ for
 Latent-DPS, GML-DPS and PSLD, γ_rs for ReSample, and the Flash settings c (``noise_correction``)
-for all four and v (``variance_scale``, the official code's ``var_mult``) for Latent-DPS. γ stays
+for all four and v (``variance_scale``, the official code's ``var_mult``) for Latent-DPS and
+GML-DPS (GML-DPS not on gblur-fixed). γ stays
 the paper's. The sweeps are recorded in
 ``flash_plugin/weights/fashion-mnist-32/benchmarks/tune_<solver>[_<param>].json``:
 
 ====================  ======================  ===================  ===================  ==================
-task                  Latent-DPS ζ, c, v      GML-DPS ζ (γ), c     PSLD ζ (γ), c        ReSample γ_rs, c
+task                  Latent-DPS ζ, c, v      GML-DPS ζ (γ), c, v  PSLD ζ (γ), c        ReSample γ_rs, c
 ====================  ======================  ===================  ===================  ==================
-gblur-varying         0.5, 0, 2               0.5 (0.05), 0        0.5 (0.2), 0         25600, 0
-gblur-fixed           4.0, 0, 2               7.0 (0.05), 0        7.0 (0.1), 0         6400, 0
-nonlinear-blur        0.5, 0, 4               0.5 (0.05), 0        –                    25600, 0
-random-inpainting     0.35, 0, 2              0.5 (0.05), 0        0.35 (0.5), 0        25600, 0
+gblur-varying         0.5, 0, 2               0.5 (0.05), 0, 2     0.5 (0.2), 0         25600, 0
+gblur-fixed           4.0, 0, 2               7.0 (0.05), 0, 1     7.0 (0.1), 0         6400, 0
+nonlinear-blur        0.5, 0, 4               0.5 (0.05), 0, 4     –                    25600, 0
+random-inpainting     0.35, 0, 2              0.35 (0.05), 0, 2    0.35 (0.5), 0        25600, 0
 ====================  ======================  ===================  ===================  ==================
 
 With c = 0 Flash starts from ẑ itself at the SNR-matched step: for every solver and task the
 paper's c = 1–1.2 was worse (by 0.1–0.7 dB); on this model the injected noise costs more than it
 washes out. v > 1 (start as if σ̂² were v times larger, i.e. with more guided steps) helps
-Latent-DPS by 0.1–0.4 dB at c = 0 (it lost 0.2 dB at c = 1.2); it was swept for Latent-DPS only
-(grid up to 4; the other solvers keep v = 1).
+Latent-DPS by 0.1–0.4 dB at c = 0 (it lost 0.2 dB at c = 1.2) and GML-DPS by 0.14–0.29 dB (grid
+1, 2, 4); PSLD and ReSample were not swept in v and keep v = 1.
 
 The step sizes come out 2–30x smaller than the paper's FFHQ values, except on the fixed blur
 (1.3–3.5x larger); ReSample's γ_rs ends far above the paper's 200–2000, where PSNR is flat.
@@ -143,10 +144,10 @@ TUNED_HPARAMS: dict[tuple[str, str], SolverHparams] = {
     ("latent-dps", "gblur-fixed"): _H(zeta=4.0, noise_correction=0.0, variance_scale=2.0),  # 17.53 dB (c=0.5: 17.15)
     ("latent-dps", "nonlinear-blur"): _H(zeta=0.5, noise_correction=0.0, variance_scale=4.0),  # 25.18 dB (c=1: 25.08; v=3: 25.16)
     ("latent-dps", "random-inpainting"): _H(zeta=0.35, noise_correction=0.0, variance_scale=2.0),  # 22.00 dB (c=1.2: 21.34)
-    ("gml-dps", "gblur-varying"): _H(zeta=0.5, gamma=0.05, noise_correction=0.0),  # 20.07 dB (c=1.2: 19.71)
+    ("gml-dps", "gblur-varying"): _H(zeta=0.5, gamma=0.05, noise_correction=0.0, variance_scale=2.0),  # 20.21 dB (v=1: 20.07)
     ("gml-dps", "gblur-fixed"): _H(zeta=7.0, gamma=0.05, noise_correction=0.0),  # 17.35 dB (c=1: 16.84)
-    ("gml-dps", "nonlinear-blur"): _H(zeta=0.5, gamma=0.05, noise_correction=0.0),  # 25.00 dB (c=1.2: 24.86)
-    ("gml-dps", "random-inpainting"): _H(zeta=0.5, gamma=0.05, noise_correction=0.0),  # 21.82 dB (c=1: 21.26)
+    ("gml-dps", "nonlinear-blur"): _H(zeta=0.5, gamma=0.05, noise_correction=0.0, variance_scale=4.0),  # 25.26 dB (v=1: 25.00)
+    ("gml-dps", "random-inpainting"): _H(zeta=0.35, gamma=0.05, noise_correction=0.0, variance_scale=2.0),  # 22.16 dB (v=1, ζ=0.5: 21.82)
     ("psld", "gblur-varying"): _H(zeta=0.5, gamma=0.2, noise_correction=0.0),  # 20.08 dB (c=1: 19.84)
     ("psld", "gblur-fixed"): _H(zeta=7.0, gamma=0.1, noise_correction=0.0),  # 17.38 dB (c=1: 16.95)
     ("psld", "random-inpainting"): _H(zeta=0.35, gamma=0.5, noise_correction=0.0),  # 20.72 dB (c=1: 20.29)
