@@ -21,6 +21,8 @@ from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
+from flash_plugin.errors import FlashInputError
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("bench", help="paired benchmark: solver vs Flash(solver) vs AE-only", description=__doc__,
@@ -72,7 +74,6 @@ def summarize(records_by_method: dict, clean, features=None) -> dict:
 
 def parse_solver_args(items: list[str], solver: str, task: str) -> dict[str, float]:
     """``["zeta=1.0"]`` -> ``{"zeta": 1.0}``; only the solver arguments the table has for this (solver, task)."""
-    from flash_plugin.errors import FlashInputError
     from flash_plugin.solvers.hparams import get_hparams
 
     allowed = get_hparams(solver, task).solver_kwargs()
@@ -90,7 +91,6 @@ def parse_solver_args(items: list[str], solver: str, task: str) -> dict[str, flo
 
 def reusable_baseline(path: str | Path, expect: dict, solver_kwargs: dict) -> dict:
     """The earlier bench JSON at ``path`` if its baseline is what this run would compute, else a clear error."""
-    from flash_plugin.errors import FlashInputError
     from flash_plugin.solvers.hparams import FLASH_PARAMS
 
     old = json.loads(Path(path).read_text())
@@ -113,10 +113,9 @@ def run(args: argparse.Namespace) -> int:
     from flash_plugin.metrics import ClassifierFeatures
     from flash_plugin.models import load_default_model, load_test_images
     from flash_plugin.operators import get_preset
-    from flash_plugin.errors import FlashInputError
     from flash_plugin.solvers.hparams import get_hparams
 
-    overrides = parse_solver_args(getattr(args, "solver_arg", []), args.solver, args.task)
+    overrides = parse_solver_args(args.solver_arg, args.solver, args.task)
     if args.num_steps is not None:
         overrides["num_steps"] = args.num_steps
     if args.threads:
@@ -135,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     model_set = load_default_model(device=args.device)
     methods = list(args.methods)
     reused = None
-    if getattr(args, "reuse_baseline", None):
+    if args.reuse_baseline:
         if "ae" not in methods or "baseline" not in methods:
             raise FlashInputError("--reuse-baseline needs --methods to include baseline and ae (AE-only checks the measurements)")
         hp = get_hparams(args.solver, args.task)
