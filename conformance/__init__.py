@@ -1,4 +1,4 @@
-"""Conformance suite for solvers: ``check_solver()``, ``parametrize_with_checks()`` and a pytest plugin.
+"""Conformance suite: checks of solvers, operators and severity estimators, with three doors.
 
 Installed as ``flash_plugin.conformance`` (never as a top-level ``conformance`` module)::
 
@@ -10,8 +10,11 @@ Installed as ``flash_plugin.conformance`` (never as a top-level ``conformance`` 
     def test_conformance(solver, check):
         check(solver)
 
-or ``flash-plugin check my_module:make_solver``. See `flash_plugin.conformance.checks` for what
-is checked and `flash_plugin.conformance.oracles` for the spy model and the tiny operator.
+or ``flash-plugin check my_module:make_solver``; `check_operator` and
+`check_severity_estimator` do the same for the other two kinds of plugin object. The harness
+(`harness`), the call-contract checks (`checks`), the statistical checks (`statistics`), the
+operator and estimator checks (`components`) and the doors (`doors`) each have a module; the
+spy model and the tiny operator are in `oracles`. See ``docs/make-your-solver-flashable.md``.
 
 The names below are loaded on first use (PEP 562), so importing this package (as the pytest
 plugin `flash_plugin.conformance.pytest_plugin` does) does not import the checks.
@@ -22,36 +25,52 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .checks import (
+    from .doors import (
         CHECKS,
+        ESTIMATOR_CHECKS,
+        OPERATOR_CHECKS,
+        SOLVER_CHECKS,
         CheckFailure,
         CheckResult,
+        EstimatorCase,
         NotApplicable,
+        OperatorCase,
         Problem,
         SolverCase,
+        check_operator,
+        check_severity_estimator,
         check_solver,
         format_results,
+        kind_of,
         parametrize_with_checks,
     )
 
 __all__ = [
     "CHECKS",
+    "ESTIMATOR_CHECKS",
+    "OPERATOR_CHECKS",
+    "SOLVER_CHECKS",
     "CheckFailure",
     "CheckResult",
+    "EstimatorCase",
     "NotApplicable",
+    "OperatorCase",
     "Problem",
     "SolverCase",
+    "check_operator",
+    "check_severity_estimator",
     "check_solver",
     "format_results",
+    "kind_of",
     "parametrize_with_checks",
 ]
 
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from . import checks
+        from . import doors
 
-        return getattr(checks, name)
+        return getattr(doors, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

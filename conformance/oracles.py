@@ -5,7 +5,9 @@
   parameter ``gain`` (exactly ``1.0``, ``requires_grad=True`` like an unfrozen diffusers model)
   so the checks see a solver that leaks gradients into, or changes, the model's parameters.
 * `make_oracle()`: a small seeded `SpyOracle` on the paper's 1000-step LDM schedule; this is the
-  model a factory ``make(model) -> Solver`` receives in the checks.
+  model a factory ``make(model) -> Solver`` receives in the checks. ``variance=`` gives the
+  variants the statistical checks also use: unit data variance (like scaled real latents) and a
+  near-deterministic one (``1e-4``).
 * `MaskOperator`: ``y = m ⊙ x + σ_y n`` with a per-sample binary mask: ``forward``, ``measure``,
   ``adjoint`` (self-adjoint), ``select``, ``noise_std``, ``severity``. Guided solvers that call
   ``operator.forward`` work on the oracle with ``y`` shaped like the oracle's image.
@@ -49,10 +51,18 @@ class SpyOracle(GaussianOracle):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.gain = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+        self.record_inputs = False
+        self.inputs: list[torch.Tensor] = []
 
     def eps(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.record_inputs:  # aligned with `calls`: one detached copy of z per call
+            self.inputs.append(z.detach().cpu().clone())
         out = super().eps(z, t)
         return out * self.gain.to(device=out.device, dtype=out.dtype)
+
+    def reset_calls(self) -> None:
+        super().reset_calls()
+        self.inputs.clear()
 
     def evaluations(self) -> list[int]:
         """Every recorded timestep, call by call, flattened (one entry per sample evaluated)."""
@@ -65,13 +75,17 @@ def make_oracle(
     seed: int = 0,
     alphas_cumprod: torch.Tensor | None = None,
     scale: float = 1.0,
+    variance: float | None = None,
 ) -> SpyOracle:
     """A seeded `SpyOracle`: means in ``[-0.5, 0.5]``, variances in ``[0.05, 0.25]`` per latent
-    dimension, the paper's LDM schedule (1000 train steps) unless ``alphas_cumprod`` is given."""
+    dimension (or ``variance`` in every dimension), the paper's LDM schedule (1000 train steps)
+    unless ``alphas_cumprod`` is given."""
     shape = tuple(int(s) for s in latent_shape)
     g = torch.Generator().manual_seed(seed)
     mean = torch.rand(shape, generator=g, dtype=torch.float64) - 0.5
     var = 0.05 + 0.2 * torch.rand(shape, generator=g, dtype=torch.float64)
+    if variance is not None:
+        var = torch.full(shape, float(variance), dtype=torch.float64)
     return SpyOracle(mean, var, alphas_cumprod, scale=scale, name="conformance-oracle")
 
 

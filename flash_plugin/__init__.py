@@ -10,6 +10,18 @@ Public API only; see DESIGN.md and the README for the rest.
 from flash_plugin.flash import FlashConfig, FlashSolver, flash
 from flash_plugin.markers import hookimpl
 from flash_plugin.types import NoiseSchedule, SeverityEstimate, Solution, StartPoint
+from flash_plugin.utils.random import GeneratorLike, randn_per_sample
 
-__all__ = ["FlashConfig", "FlashSolver", "NoiseSchedule", "SeverityEstimate", "Solution", "StartPoint", "flash", "hookimpl"]
+__all__ = [
+    "FlashConfig",
+    "FlashSolver",
+    "GeneratorLike",
+    "NoiseSchedule",
+    "SeverityEstimate",
+    "Solution",
+    "StartPoint",
+    "flash",
+    "hookimpl",
+    "randn_per_sample",
+]
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ from typing import Any, Callable, Literal, Protocol, runtime_checkable
 import torch
 
 from flash_plugin.types import NoiseSchedule, SeverityEstimate, Solution, StartPoint
+from flash_plugin.utils.random import GeneratorLike
 
 
 @runtime_checkable
@@ -41,6 +42,12 @@ class Solver(Protocol):
 
     ``solve(y, operator, start=None)`` is a full solve from noise; with a `StartPoint` every sample
     starts at its own ``start.step[i]`` from ``start.latent[i]`` and makes exactly that many steps.
+
+    ``generator`` is a `GeneratorLike`: ``None`` (torch's global RNG), one ``torch.Generator`` for
+    the batch, or a list with one generator per sample (what `flash()` and the conformance checks
+    pass; only that form makes a batch equal its samples solved alone). Draw noise with
+    `flash_plugin.randn_per_sample`, which accepts all three. A solver that ignores ``y`` on
+    purpose (an unconditional sampler) declares ``ignores_measurement = True``.
     """
 
     @property
@@ -52,7 +59,7 @@ class Solver(Protocol):
         operator: Any,
         *,
         start: StartPoint | None = None,
-        generator: torch.Generator | None = None,
+        generator: GeneratorLike = None,
     ) -> Solution: ...
 
 
@@ -75,7 +82,9 @@ class LatentModelSolver(Solver, Protocol):
 
 @runtime_checkable
 class StepCallbackSolver(Solver, Protocol):
-    """Capability: ``solve`` accepts ``callback(k, latent)`` called after every reverse step."""
+    """Capability: ``solve`` accepts ``callback(k, latent)``, called after the step from level ``k``
+    with the latent at level ``k − 1``. Resuming from that latent at step ``k − 1``, with the
+    generators in the state they had at that point, must reproduce the rest of the run."""
 
     def solve(
         self,
@@ -83,7 +92,7 @@ class StepCallbackSolver(Solver, Protocol):
         operator: Any,
         *,
         start: StartPoint | None = None,
-        generator: torch.Generator | None = None,
+        generator: GeneratorLike = None,
         callback: Callable[[int, torch.Tensor], None] | None = None,
     ) -> Solution: ...
 

@@ -1,9 +1,11 @@
-"""``flash-plugin check module:attr``: run the conformance checks on a solver or solver factory.
+"""``flash-plugin check module:attr``: run the conformance checks on a solver, operator or estimator.
 
-``attr`` names a factory ``make(model) -> Solver`` (all checks, on a spy Gaussian oracle), a
-`Solver` object (black-box checks only) or a `flash_plugin.conformance.SolverCase`; dotted
-attribute paths are allowed. The current directory is importable, as with ``python -m``. The exit
-status is 1 when a check failed (expected failures and checks that do not apply do not count)::
+``attr`` names a factory ``make(model) -> Solver`` (all solver checks, on a spy Gaussian
+oracle), a `Solver` object (black-box checks only), a `flash_plugin.conformance.SolverCase`, an
+`Operator` / `OperatorCase` or a `SeverityEstimator` / `EstimatorCase` (the kind is recognised, or
+forced with ``--kind``); dotted attribute paths are allowed. The current directory is importable,
+as with ``python -m``. The exit status is 1 when a check failed (expected failures and checks that
+do not apply do not count)::
 
     flash-plugin check flash_plugin.conformance.oracles:make_reference_sampler
     flash-plugin check my_pkg.solvers:make_solver --expected-failures '{"check_works_under_no_grad": "needs grad"}' --json
@@ -19,12 +21,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-HELP = "run the conformance checks on a solver or a solver factory (module:attr)"
+HELP = "run the conformance checks on a solver (or solver factory), operator or severity estimator (module:attr)"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("check", help=HELP, description=HELP[0].upper() + HELP[1:] + ".")
-    parser.add_argument("target", help="module:attr naming a factory make(model) -> Solver, a Solver object or a SolverCase")
+    parser.add_argument("target", help="module:attr naming a factory make(model) -> Solver, a Solver, an Operator, "
+                        "a severity estimator, or a SolverCase / OperatorCase / EstimatorCase")
+    parser.add_argument("--kind", choices=("solver", "operator", "estimator"), default=None,
+                        help="which checks to run (default: recognised from the object)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the statistical solver checks (default 0)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument(
         "--expected-failures",
@@ -82,22 +88,37 @@ def _expected_failures(text: str | None) -> dict[str, str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flash_plugin.conformance import check_solver, format_results
-    from flash_plugin.conformance.checks import SolverCase, _is_factory, _short_repr
+    from flash_plugin.conformance import (
+        SolverCase,
+        check_operator,
+        check_severity_estimator,
+        check_solver,
+        format_results,
+        kind_of,
+    )
+    from flash_plugin.conformance.harness import is_factory, short_repr
     from flash_plugin.errors import FlashInputError
 
     obj = resolve_target(args.target)
-    try:
-        factory = _is_factory(obj.solver if isinstance(obj, SolverCase) else obj)
-    except TypeError as exc:
-        raise FlashInputError(f"{args.target}: {exc}") from None
-    results = check_solver(obj, expected_failures=_expected_failures(args.expected_failures), checks=args.checks)
+    kind = args.kind or kind_of(obj)
+    expected = _expected_failures(args.expected_failures)
+    if kind == "solver":
+        try:
+            factory = is_factory(obj.solver if isinstance(obj, SolverCase) else obj)
+        except TypeError as exc:
+            raise FlashInputError(f"{args.target}: {exc}") from None
+        results = check_solver(obj, expected_failures=expected, checks=args.checks, seed=args.seed)
+        described = "factory (all checks, on a spy Gaussian oracle)" if factory else "solver object (black-box checks only)"
+        label = "factory" if factory else "solver"
+    else:
+        door = check_operator if kind == "operator" else check_severity_estimator
+        results = door(obj, expected_failures=expected, checks=args.checks)
+        described = label = kind
     failed = any(r.status == "failed" for r in results)
-    kind = "factory (all checks, on a spy Gaussian oracle)" if factory else "solver object (black-box checks only)"
     if args.json:
         report = {
             "target": args.target,
-            "kind": "factory" if factory else "solver",
+            "kind": label,
             "results": [{"name": r.name, "status": r.status, "message": r.message} for r in results],
             "summary": {s: sum(r.status == s for r in results) for s in ("passed", "failed", "xfail", "not applicable")},
             "ok": not failed,
@@ -105,6 +126,6 @@ def run(args: argparse.Namespace) -> int:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        shown = args.target if factory else f"{args.target} = {_short_repr(obj)}"
-        print(format_results(results, title=f"Conformance checks of {shown}: {kind}"))
+        shown = args.target if label == "factory" else f"{args.target} = {short_repr(obj)}"
+        print(format_results(results, title=f"Conformance checks of {shown}: {described}"))
     return 1 if failed else 0

@@ -389,7 +389,7 @@ class ReSample(CountingSolver):
             threshold = _noise_variance(operator, batch, v.device)
         else:
             threshold = torch.full((batch,), cfg.tol, dtype=torch.float64, device=v.device)
-        history = torch.full((cfg.max_iters, batch), math.inf, device=v.device) if cfg.patience else None
+        history = torch.full((cfg.max_iters, batch), math.inf, dtype=torch.float64, device=v.device) if cfg.patience else None
         evals = torch.zeros(batch, dtype=torch.long, device=v.device)  # forward passes per sample
         updates = torch.zeros(batch, dtype=torch.long, device=v.device)  # optimiser steps per sample
         active = torch.arange(batch, device=v.device)
@@ -411,7 +411,7 @@ class ReSample(CountingSolver):
                     loss = loss + cfg.prox_weight * (d2.mean(1) if mean else d2.sum(1))
                 stop = (mse <= thr_a) if cfg.stop_at_noise else (mse < thr_a)
                 if history is not None:
-                    history[it, active] = loss.detach()
+                    history[it, active] = loss.detach().double()
                     if it >= cfg.patience:
                         stop |= loss.detach() > history[it - cfg.patience, active]
                 n_stop = int(stop.sum())
