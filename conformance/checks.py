@@ -23,7 +23,7 @@ from flash_plugin.utils.random import randn_per_sample
 
 from .oracles import MaskOperator
 from .harness import (
-    SOLVER_CHECKS as CHECKS,
+    SOLVER_CHECKS as CHECKS,  # noqa: F401 - the solver checks, by their older name
     NotApplicable,
     Subject,
     check_solution,

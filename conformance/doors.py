@@ -99,10 +99,10 @@ def kind_of(obj: Any) -> Kind:
 def _check_name(suite: _Suite, name: Any) -> str:
     if callable(name) and getattr(name, "__name__", None) in suite.checks:
         return name.__name__
-    if isinstance(name, str):
-        full = name if name.startswith("check_") else f"check_{name}"
-        if full in suite.checks:
-            return full
+    if isinstance(name, str):  # "check_operator_adjoint", "operator_adjoint" or "adjoint"
+        for full in (name, f"check_{name}", f"check_{suite.kind}_{name}"):
+            if full in suite.checks:
+                return full
     raise FlashInputError(f"unknown conformance check {name!r}; the {suite.kind} checks are: {', '.join(suite.checks)}")
 
 
