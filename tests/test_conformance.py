@@ -384,6 +384,38 @@ def test_cli_broken_solver_exits_1_and_expected_failures(tmp_path, monkeypatch, 
         run_cli(["check", "flash_plugin.conformance.oracles:make_reference_sampler", "--expected-failures", "[1"])
 
 
+def test_cli_checks_operators_and_estimators(tmp_path, monkeypatch, capsys):
+    (tmp_path / "conf_cli_components_mod.py").write_text(textwrap.dedent("""
+        import torch
+        from flash_plugin.conformance import OperatorCase
+        from flash_plugin.operators import GaussianBlur
+
+        blur = OperatorCase(GaussianBlur(torch.tensor([1.0, 2.0]), 0.1), images=torch.zeros(2, 1, 8, 8) + 0.5)
+
+        class Broken(GaussianBlur):
+            def adjoint(self, y):
+                return 2 * super().adjoint(y)
+
+        broken = Broken(torch.tensor([1.0, 2.0]), 0.1)
+        broken.image_shape = (1, 8, 8)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    try:
+        assert run_cli(["check", "conf_cli_components_mod:blur", "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["kind"] == "operator" and [r["name"] for r in report["results"]] == list(conf.OPERATOR_CHECKS)
+        assert run_cli(["check", "conf_cli_components_mod:broken", "-c", "adjoint"]) == 1  # recognised as an operator
+        out = capsys.readouterr().out
+        assert "failed          check_operator_adjoint" in out and "operator" in out
+        with pytest.raises(FlashInputError, match="the solver checks are"):
+            run_cli(["check", "conf_cli_components_mod:broken", "--kind", "solver", "-c", "adjoint"])
+    finally:
+        import sys
+
+        sys.modules.pop("conf_cli_components_mod", None)
+
+
 # ---- pytest plugin --------------------------------------------------------------------------------------
 def test_pytest_plugin_imports_nothing_heavy_at_import_time():
     for module in (importlib.import_module("flash_plugin.conformance.pytest_plugin"), conf):
