@@ -103,6 +103,31 @@ def detections(mutants: dict[type, tuple[str, list[str]]], seeds: int) -> dict[s
     return out
 
 
+def mean_test_tails(seeds: int) -> dict[str, Any]:
+    """Empirical tail fractions of the pooled χ² mean statistic on the reference sampler (every
+    start step and oracle of `check_output_mean_from_any_start`, one statistic per seed and test)
+    against the nominal ones: the calibration of the test itself, with many more events than the
+    check's own 1e-3."""
+    from flash_plugin.solvers import Sampler
+
+    from .harness import Subject
+    from .statistics import _solve_from, _start_steps, chi2_quantile, mean_statistic
+
+    s = Subject(lambda m: Sampler(m, num_steps=20), "calibration")
+    levels = (0.05, 0.01, 0.001)
+    exceed = {a: 0 for a in levels}
+    total = 0
+    for seed in range(seeds):
+        for kind in ("standard", "unit-variance"):
+            for k in _start_steps(20):
+                oracle, out = _solve_from(s, kind, k, seed=10_000 + seed * 100 + k + (50 if kind == "standard" else 0))
+                stat, dof, _ = mean_statistic(out, oracle.mean)
+                total += 1
+                for a in levels:
+                    exceed[a] += stat > chi2_quantile(a, dof)
+    return {"tests": total, "nominal": list(levels), "observed": [exceed[a] / total for a in levels]}
+
+
 def _load_mutants(path: str) -> dict[type, tuple[str, list[str]]]:
     spec = importlib.util.spec_from_file_location("conformance_mutants", path)
     module = importlib.util.module_from_spec(spec)
@@ -116,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=200, help="seeds per correct solver for the false-alarm rates")
     parser.add_argument("--mutant-seeds", type=int, default=20, help="seeds per mutant for the detection rates")
     parser.add_argument("--mutants", default=None, help="path of a module with a MUTANTS table (e.g. tests/conformance_mutants.py)")
+    parser.add_argument("--tail-seeds", type=int, default=0,
+                        help="seeds for the empirical tail fractions of the χ² mean test (8 tests per seed; 0 = skip)")
+    parser.add_argument("--only-tails", action="store_true", help="measure only the tail fractions")
     parser.add_argument("--json", default=None, help="write the numbers to this JSON file")
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.mutant_seeds < 1:
@@ -124,7 +152,16 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     factories = _reference_factories()
-    report: dict[str, Any] = {"timings_s": timings(factories)}
+    report: dict[str, Any] = {}
+    if args.tail_seeds:
+        report["mean_test_tails"] = tails = mean_test_tails(args.tail_seeds)
+        print(f"χ² mean test on the reference sampler, {tails['tests']} tests: tail fraction at nominal "
+              + ", ".join(f"{a:g}: {o:.4f}" for a, o in zip(tails["nominal"], tails["observed"])) + "\n")
+        if args.only_tails:
+            if args.json:
+                Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+            return 0
+    report["timings_s"] = timings(factories)
     print("| check | " + " | ".join(f"{k} (s)" for k in factories) + " |\n|---|" + "---|" * len(factories))
     for name in SOLVER_CHECKS:
         print(f"| {name} | " + " | ".join(f"{report['timings_s'][k][name]:.2f}" for k in factories) + " |")

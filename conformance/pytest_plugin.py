@@ -5,9 +5,10 @@ defines hooks and a fixture; nothing heavy is imported until the fixture is used
 
 * marker ``flash_conformance``: registered so that projects can tag their conformance tests
   (``pytest -m flash_conformance``) under ``--strict-markers``;
-* fixture ``flash_solver_checks``: a function ``run(solver_or_factory, *, expected_failures=None,
-  checks=None, problem=None) -> list[CheckResult]`` that runs
-  `flash_plugin.conformance.check_solver` and fails the test with the report when a check failed::
+* fixture ``flash_solver_checks``: a function ``run(obj, *, expected_failures=None, checks=None,
+  **kwargs) -> list[CheckResult]`` that runs `flash_plugin.conformance.check_solver` (or
+  `check_operator` / `check_severity_estimator` for an operator or estimator, with their keyword
+  arguments) and fails the test with the report when a check failed::
 
       def test_my_solver(flash_solver_checks):
           flash_solver_checks(lambda model: MySolver(model, num_steps=20))
@@ -26,11 +27,13 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-def run_checks(solver_or_factory: Any, *, expected_failures=None, checks=None, problem=None) -> list:
-    """`check_solver` that calls ``pytest.fail`` with the report when any check failed."""
-    from .checks import check_solver, format_results
+def run_checks(obj: Any, *, expected_failures=None, checks=None, **kwargs: Any) -> list:
+    """The door of ``obj``'s kind (`check_solver`, `check_operator`, `check_severity_estimator`)
+    that calls ``pytest.fail`` with the report when any check failed."""
+    from .doors import check_operator, check_severity_estimator, check_solver, format_results, kind_of
 
-    results = check_solver(solver_or_factory, expected_failures=expected_failures, checks=checks, problem=problem)
+    door = {"solver": check_solver, "operator": check_operator, "estimator": check_severity_estimator}[kind_of(obj)]
+    results = door(obj, expected_failures=expected_failures, checks=checks, **kwargs)
     if any(r.status == "failed" for r in results):
         pytest.fail(format_results(results, title="flash-plugin conformance checks failed:", verbose=False), pytrace=False)
     return results
@@ -38,5 +41,5 @@ def run_checks(solver_or_factory: Any, *, expected_failures=None, checks=None, p
 
 @pytest.fixture
 def flash_solver_checks():
-    """Run the conformance checks on a solver or factory; fails the test if any check fails."""
+    """Run the conformance checks on a solver (or factory), operator or estimator; fails the test if any check fails."""
     return run_checks

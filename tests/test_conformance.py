@@ -444,10 +444,16 @@ def test_pytest_plugin_fixture_and_marker(pytester, monkeypatch):
 
         def test_broken(flash_solver_checks):
             flash_solver_checks(lambda m: Extra(m, num_steps=6), checks=["start_makes_k_calls"])
+
+        def test_operator(flash_solver_checks):
+            from flash_plugin.operators import GaussianBlur
+
+            results = flash_solver_checks(GaussianBlur(torch.tensor([1.0, 2.0]), 0.1), images=torch.zeros(2, 1, 8, 8))
+            assert [r.name for r in results][0] == "check_operator_adjoint"
     """)
     result = pytester.runpytest_inprocess("-p", "flash_plugin.conformance.pytest_plugin", "--strict-markers", "-p", "no:cacheprovider",
                                           "-W", "ignore::pytest.PytestAssertRewriteWarning")
-    result.assert_outcomes(passed=1, failed=1)
+    result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(["*failed*check_start_makes_k_calls*", "*observed: 4 denoiser evaluations*"])
 
 
