@@ -448,7 +448,7 @@ def test_pytest_plugin_fixture_and_marker(pytester, monkeypatch):
         def test_operator(flash_solver_checks):
             from flash_plugin.operators import GaussianBlur
 
-            results = flash_solver_checks(GaussianBlur(torch.tensor([1.0, 2.0]), 0.1), images=torch.zeros(2, 1, 8, 8))
+            results = flash_solver_checks(GaussianBlur(torch.tensor([1.0, 2.0]), 0.1), images=torch.full((2, 1, 8, 8), 0.5))
             assert [r.name for r in results][0] == "check_operator_adjoint"
     """)
     result = pytester.runpytest_inprocess("-p", "flash_plugin.conformance.pytest_plugin", "--strict-markers", "-p", "no:cacheprovider",
