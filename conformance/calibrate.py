@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| **whole suite** | " + " | ".join(f"{sum(report['timings_s'][k].values()):.1f}" for k in factories) + " |\n")
 
     report["false_alarms"] = false_alarms(factories, args.seeds)
-    print(f"| check | " + " | ".join(f"{k}: failures / {args.seeds} seeds (95 % upper bound)" for k in factories)
+    print("| check | " + " | ".join(f"{k}: failures / {args.seeds} seeds (95 % upper bound)" for k in factories)
           + " |\n|---|" + "---|" * len(factories))
     for name in STATISTICAL:
         cells = [f"{report['false_alarms'][k][name]} ({_upper95(report['false_alarms'][k][name], args.seeds):.4f})" for k in factories]

@@ -512,12 +512,8 @@ def _force_full_cause(s: Subject, y: torch.Tensor, op: Any, make_gen: Any) -> st
         n = solver.schedule.num_steps
         g = make_gen()
         noise = randn_per_sample((y.shape[0], *s.latent_shape()), g, device=y.device, dtype=y.dtype)
-        oracle.reset_calls()
-        oracle.record_inputs = True
-        try:
+        with oracle.recording_inputs():
             solver.solve(y, op, start=StartPoint(torch.full((y.shape[0],), n), noise.clone()), generator=g)
-        finally:
-            oracle.record_inputs = False
         if not oracle.inputs or not close(oracle.inputs[0], noise):
             return ("a StartPoint at k = N is transformed (re-noised or rescaled) or ignored: the first denoiser input is not "
                     "the given latent; at k = N the solver must start from it exactly as from its own noise")

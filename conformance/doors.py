@@ -47,26 +47,6 @@ CHECKS = SOLVER_CHECKS
 
 Kind = Literal["solver", "operator", "estimator"]
 
-__all__ = [
-    "CHECKS",
-    "ESTIMATOR_CHECKS",
-    "OPERATOR_CHECKS",
-    "SOLVER_CHECKS",
-    "CheckFailure",
-    "CheckResult",
-    "EstimatorCase",
-    "NotApplicable",
-    "OperatorCase",
-    "Problem",
-    "SolverCase",
-    "check_operator",
-    "check_severity_estimator",
-    "check_solver",
-    "format_results",
-    "kind_of",
-    "parametrize_with_checks",
-]
-
 
 @dataclass(frozen=True)
 class _Suite:

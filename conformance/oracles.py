@@ -18,7 +18,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -63,6 +64,16 @@ class SpyOracle(GaussianOracle):
     def reset_calls(self) -> None:
         super().reset_calls()
         self.inputs.clear()
+
+    @contextlib.contextmanager
+    def recording_inputs(self) -> Iterator[list[torch.Tensor]]:
+        """Within the block, keep a copy of every denoiser input (in ``inputs``, aligned with ``calls``)."""
+        self.reset_calls()
+        self.record_inputs = True
+        try:
+            yield self.inputs
+        finally:
+            self.record_inputs = False
 
     def evaluations(self) -> list[int]:
         """Every recorded timestep, call by call, flattened (one entry per sample evaluated)."""

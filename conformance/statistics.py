@@ -135,12 +135,8 @@ def check_start_latent_is_first_input(solver_or_factory: Any) -> None:
     y, op = problem.take([0, 1, 2])
     z = start_latents(s, [k] * 3, seed=41, like=y)
     detail = f"3 samples, StartPoint(step=[{k}] * 3, latent at level {k}) with N = {n}, spy oracle make_oracle()"
-    oracle.reset_calls()
-    oracle.record_inputs = True
-    try:
+    with oracle.recording_inputs():
         solver.solve(y, op, start=StartPoint(torch.full((3,), k), z.clone()), generator=seeded_list([1, 2, 3]))
-    finally:
-        oracle.record_inputs = False
     if not oracle.inputs:
         s.fail(observed="no denoiser call", expected=f"{k} denoiser calls, the first one on start.latent",
                cause="the solver does not call the model's eps(z, t)", detail=detail)
@@ -228,11 +224,8 @@ def check_intermediate_states_on_forward_process(solver_or_factory: Any) -> None
         raise NotApplicable(f"{s.check}: no level of this schedule has ᾱ ≤ 0.5")
     g = seeded(s.seed * 1000 + 900)
     y, op = _uninformative(oracle, SAMPLES, g)
-    oracle.record_inputs = True
-    try:
+    with oracle.recording_inputs():
         solver.solve(y, op, generator=g)
-    finally:
-        oracle.record_inputs = False
     by_t: dict[int, list[torch.Tensor]] = {}
     for t, z in zip(oracle.calls, oracle.inputs):
         by_t.setdefault(int(t[0]), []).append(z)
@@ -317,12 +310,8 @@ def _resume_in_distribution(s: Subject, solver: Any, oracle: SpyOracle, problem:
     j = max(1, n // 2)
     idx = [0] * SAMPLES
     y, op = problem.take(idx)
-    oracle.reset_calls()
-    oracle.record_inputs = True
-    try:
+    with oracle.recording_inputs():
         full = solver.solve(y, op, generator=seeded(s.seed * 1000 + 31))
-    finally:
-        oracle.record_inputs = False
     t = int(solver.schedule.timesteps[j])
     states = [z for call, z in zip(oracle.calls, oracle.inputs) if int(call[0]) == t and z.shape[0] == SAMPLES]
     detail = _repro(n, f"one oracle measurement repeated, full solves, then solves from their own level-{j} states")
