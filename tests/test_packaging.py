@@ -95,6 +95,16 @@ def test_readme_shows_the_command_ci_runs():
     assert "set -euo pipefail" in ci and '"$status" -eq 5' in ci
 
 
+def test_ci_runs_the_suite_again_with_the_data_hidden():
+    # A test that silently needs Fashion-MNIST must fail in CI, not on a user's machine without it:
+    # after the README's command, CI runs pytest with the loader pointed at an empty directory.
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    first = ci.index('bash -c "set -euo pipefail; $TEST_COMMAND"')
+    [empty] = re.findall(r'^(\w+)="\$\(mktemp -d\)"$', ci, re.MULTILINE)
+    second = ci.index(f'FLASH_PLUGIN_FASHION_MNIST="${empty}" pytest\n')
+    assert first < second
+
+
 # --- build and install --------------------------------------------------------------------------
 
 CHECK_INSTALLED = r"""
