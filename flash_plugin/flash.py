@@ -18,9 +18,10 @@ Before any work, a call checks what would otherwise give a wrong result without 
   ``[0, 255]``. A measurement of ``[0, 1]`` images cannot be told from one of ``[-1, 1]`` images
   once blurred and noised, so that case is caught where the images are measured
   (`flash_plugin.operators.base.check_image_range`), not here;
-* the dtype: ``y`` must be real floating point; it is cast to the dtype of the solver's model
-  (float32 for the bundled one: a float64, float16 or bfloat16 ``y`` works) and the
-  reconstruction ``x`` is returned in ``y``'s dtype.
+* the dtype: ``y`` must be real floating point. Where the solver's model declares its dtype
+  (``model.dtype``: `LatentDiffusion` does, float32 for the bundled model), ``y`` is cast to it, so
+  a float64, float16 or bfloat16 ``y`` works, and the reconstruction ``x`` is returned in ``y``'s
+  dtype. A ``y`` the unwrapped solver accepts as it is reaches it unchanged.
 """
 
 from __future__ import annotations
@@ -246,13 +247,11 @@ def estimator_family(estimator: Any) -> str | None:
 
 
 def _model_dtype(solver: Any) -> torch.dtype | None:
-    """The floating dtype of the solver's model parameters, or ``None`` when it cannot be seen."""
+    """The dtype the solver's model declares (``model.dtype``, e.g. `LatentDiffusion.dtype`), or
+    ``None``: then ``y`` is passed on as given, exactly as to the unwrapped solver."""
     model = getattr(solver, "model", None) if isinstance(solver, LatentModelSolver) else None
-    if isinstance(model, torch.nn.Module):
-        for param in model.parameters():
-            if param.is_floating_point():
-                return param.dtype
-    return None
+    dtype = getattr(model, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
 def flash(solver: Any, estimator: Any = None, config: FlashConfig = FlashConfig()) -> FlashSolver:
