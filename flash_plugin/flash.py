@@ -236,12 +236,16 @@ def estimator_family(estimator: Any) -> str | None:
     name = meta.get("operator")
     if not isinstance(name, str):
         return None
-    from flash_plugin.registry import get_operator
+    from flash_plugin.operators import OPERATOR_CLASSES, PRESETS
 
-    try:
-        factory = get_operator(name)
-    except UnknownPluginNameError:
-        return None
+    factory = PRESETS.get(name) or OPERATOR_CLASSES.get(name)  # built-ins without building the plugin manager
+    if factory is None:
+        from flash_plugin.registry import get_operator
+
+        try:
+            factory = get_operator(name)
+        except UnknownPluginNameError:
+            return None
     family = getattr(factory, "operator_family", None)
     return family if isinstance(family, str) else None
 

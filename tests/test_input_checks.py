@@ -243,3 +243,22 @@ def test_flash_takes_float64_float16_and_bfloat16_measurements(bundle):
         sol = solver(y.to(dtype), op, generator=gen(3))
         assert sol.x.dtype == dtype and torch.isfinite(sol.x.float()).all()
         assert (sol.x.float() - ref.x).abs().mean() < 0.1
+
+
+def test_a_plugin_operator_family_is_found_through_the_registry(fresh_plugin_manager):
+    from flash_plugin.markers import hookimpl
+
+    class Swirl:
+        """A plugin's operator factory."""
+
+        operator_family = "swirl"
+
+    class SwirlPlugin:
+        @hookimpl
+        def flash_register_operators(self, register):
+            register("swirl-task", Swirl)
+
+    fresh_plugin_manager.register(SwirlPlugin(), name="swirl")
+    assert estimator_family(RecordingEstimator({"operator": "swirl-task"})) == "swirl"
+    assert estimator_family(RecordingEstimator({"operator": "gblur-fixed"})) == "gaussian-blur"
+    assert estimator_family(RecordingEstimator({"operator": "unknown-task"})) is None
