@@ -140,7 +140,7 @@ def check_image_range(x: torch.Tensor, name: str = "x") -> None:
     if lo >= 0.0 and hi > 0.5:
         warnings.warn(
             f"{name} has no negative value (range [{lo:.4g}, {hi:.4g}]): images in [-1, 1] are expected; "
-            f"if these are images in [0, 1], {IMAGE_RANGE_HINT.split(' and ')[1]} before measuring",
+            "if these are images in [0, 1], convert them with 2 * x - 1 before measuring",
             ImageRangeWarning,
             stacklevel=3,
         )
