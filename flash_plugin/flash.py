@@ -14,7 +14,7 @@ Before any work, a call checks what would otherwise give a wrong result without 
 * the estimator's operator family (its metadata) against the operator's ``operator_family``;
 * the measurement's scale, where the operator states the range of its output
   (``output_range``; the built-in operators map ``[-1, 1]`` into ``[-1, 1]``): ``y`` beyond that
-  range by more than ``1 + 10 σ_y`` is a measurement of images on another scale, e.g.
+  range by more than ``2 + 10 σ_y`` is a measurement of images on another scale, e.g.
   ``[0, 255]``. A measurement of ``[0, 1]`` images cannot be told from one of ``[-1, 1]`` images
   once blurred and noised, so that case is caught where the images are measured
   (`flash_plugin.operators.base.check_image_range`), not here;
@@ -194,7 +194,7 @@ class FlashSolver:
         if cfg.check_measurement_range and out_range is not None:
             lo, hi = (float(v) for v in out_range)
             noise_std = float(getattr(operator, "noise_std", 0.0) or 0.0)
-            margin = 1.0 + 10.0 * noise_std
+            margin = 2.0 + 10.0 * noise_std  # wide: the operator may understate the noise; [0, 255] is far beyond
             y_lo, y_hi = float(y.amin()), float(y.amax())
             if y_lo < lo - margin or y_hi > hi + margin:
                 raise FlashInputError(
