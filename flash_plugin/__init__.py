@@ -4,7 +4,7 @@
     solver = flash(existing_solver, estimator=encoder)
     solution = solver(y, operator, generator=torch.Generator().manual_seed(0))
 
-Public API only; see DESIGN.md and the README for the rest.
+Public API only; see docs/architecture.md and the README for the rest.
 """
 
 from flash_plugin.flash import FlashConfig, FlashSolver, flash

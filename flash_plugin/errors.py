@@ -46,5 +46,9 @@ class LatentSpaceMismatchError(CheckpointError):
     """A severity encoder was trained for a different autoencoder (latent space) than the solver's."""
 
 
+class OperatorFamilyMismatchError(FlashInputError):
+    """A severity estimator's metadata names another operator family than the operator's."""
+
+
 class OperatorCapabilityError(FlashError, TypeError):
     """A solver needs an operator capability (e.g. an adjoint) that the operator lacks."""

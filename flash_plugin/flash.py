@@ -7,6 +7,21 @@ The severity estimator maps ``y`` to ``(ẑ, σ̂²)``; each sample starts at th
 matches ``1/σ̂²`` (`flash_plugin.schedule.select_start_step`) from a noised ``ẑ``
 (`flash_plugin.schedule.start_latent`), and the wrapped solver runs only the remaining ``k*``
 steps. A sample whose ``k* = N`` starts from pure noise, exactly like the unwrapped solver.
+
+Before any work, a call checks what would otherwise give a wrong result without a word
+(each check can be switched off in `FlashConfig`):
+
+* the estimator's operator family (its metadata) against the operator's ``operator_family``;
+* the measurement's scale, where the operator states the range of its output
+  (``output_range``; the built-in operators map ``[-1, 1]`` into ``[-1, 1]``): ``y`` beyond that
+  range by more than ``2 + 10 σ_y`` is a measurement of images on another scale, e.g.
+  ``[0, 255]``. A measurement of ``[0, 1]`` images cannot be told from one of ``[-1, 1]`` images
+  once blurred and noised, so that case is caught where the images are measured
+  (`flash_plugin.operators.base.check_image_range`), not here;
+* the dtype: ``y`` must be real floating point. Where the solver's model declares its dtype
+  (``model.dtype``: `LatentDiffusion` does, float32 for the bundled model), ``y`` is cast to it, so
+  a float64, float16 or bfloat16 ``y`` works, and the reconstruction ``x`` is returned in ``y``'s
+  dtype. A ``y`` the unwrapped solver accepts as it is reaches it unchanged.
 """
 
 from __future__ import annotations
@@ -16,7 +31,14 @@ from typing import Any, Literal
 
 import torch
 
-from flash_plugin.errors import AlreadyFlashedError, FlashInputError, LatentSpaceMismatchError, NotAdaptableError
+from flash_plugin.errors import (
+    AlreadyFlashedError,
+    FlashInputError,
+    LatentSpaceMismatchError,
+    NotAdaptableError,
+    OperatorFamilyMismatchError,
+    UnknownPluginNameError,
+)
 from flash_plugin.protocols import LatentModelSolver, MixedStartSolver, SeverityEstimator, Solver
 from flash_plugin.schedule import select_start_step, start_latent
 from flash_plugin.solvers.base import select_operator
@@ -38,6 +60,9 @@ class FlashConfig:
         min_step, max_step: clamps on ``k*`` (``max_step=None`` means ``N``).
         force_step: ignore ``σ̂²`` and start every sample at this step (ablations; ``N`` = unwrapped).
         check_latent_space: refuse an estimator trained for another latent space than the solver's.
+        check_operator_family: refuse an estimator whose metadata names another operator family
+            than the operator's ``operator_family`` (its ``σ̂²`` would be meaningless there).
+        check_measurement_range: refuse a ``y`` far outside the operator's ``output_range``.
     """
 
     noise_correction: float = 1.0
@@ -47,6 +72,8 @@ class FlashConfig:
     max_step: int | None = None
     force_step: int | None = None
     check_latent_space: bool = True
+    check_operator_family: bool = True
+    check_measurement_range: bool = True
 
     def __post_init__(self) -> None:
         if not (self.noise_correction >= 0 and self.noise_correction < float("inf")):
@@ -79,6 +106,8 @@ class FlashSolver:
                     "its ẑ would be meaningless for this model. Train an encoder for this autoencoder "
                     "(flash-plugin train-severity) or pass FlashConfig(check_latent_space=False) if you know better."
                 )
+        self._estimator_family = estimator_family(estimator)
+        self._dtype = _model_dtype(solver)
 
     @property
     def schedule(self) -> NoiseSchedule:
@@ -128,15 +157,53 @@ class FlashSolver:
         return self(y, operator, generator=generator)
 
     def __call__(self, y: torch.Tensor, operator: Any, *, generator: GeneratorLike = None) -> Solution:
-        if not isinstance(y, torch.Tensor) or y.ndim < 2:
-            raise FlashInputError(f"y must be a batched tensor (B, ...), got {type(y).__name__} {tuple(getattr(y, 'shape', ()))}")
+        y_dtype = self._check_call(y, operator)
         check_generators(generator, y.shape[0])
+        if self._dtype is not None and y.dtype != self._dtype:
+            y = y.to(self._dtype)
         start, est = self.start_point(y, generator)
         if isinstance(self.solver, MixedStartSolver) or torch.unique(start.step).numel() == 1:
             sol = self.solver.solve(y, operator, start=start, generator=generator)
         else:
             sol = self._solve_grouped(y, operator, start, generator)
-        return Solution(x=sol.x, latent=sol.latent, nfe=sol.nfe, start_step=start.step, severity=est.variance.detach(), extras=sol.extras)
+        return Solution(x=sol.x.to(y_dtype), latent=sol.latent, nfe=sol.nfe, start_step=start.step,
+                        severity=est.variance.detach(), extras=sol.extras)
+
+    def _check_call(self, y: Any, operator: Any) -> torch.dtype:
+        """Validate ``y`` against the operator before any work (see the module docstring); returns ``y.dtype``."""
+        if not isinstance(y, torch.Tensor) or y.ndim < 2:
+            raise FlashInputError(f"y must be a batched tensor (B, ...), got {type(y).__name__} {tuple(getattr(y, 'shape', ()))}")
+        if not y.is_floating_point():
+            raise FlashInputError(f"y must have a real floating dtype (float32, float64, float16, bfloat16), got {y.dtype}")
+        if y.shape[0] == 0:
+            raise FlashInputError("y is an empty batch")
+        if not bool(torch.isfinite(y).all()):
+            raise FlashInputError("y contains NaN or Inf")
+        cfg = self.config
+        if cfg.check_operator_family:
+            want = getattr(operator, "operator_family", None)
+            have = self._estimator_family
+            if isinstance(want, str) and have is not None and want != have:
+                raise OperatorFamilyMismatchError(
+                    f"the severity estimator was trained for operator family {have!r} but the operator "
+                    f"({type(operator).__name__}) is of family {want!r}: its σ̂² and ẑ would be wrong for this measurement "
+                    "(a few dB per image). Use an estimator trained for this family (flash-plugin train-severity) "
+                    "or pass FlashConfig(check_operator_family=False) if you know better."
+                )
+        out_range = getattr(operator, "output_range", None)
+        if cfg.check_measurement_range and out_range is not None:
+            lo, hi = (float(v) for v in out_range)
+            noise_std = float(getattr(operator, "noise_std", 0.0) or 0.0)
+            margin = 2.0 + 10.0 * noise_std  # wide: the operator may understate the noise; [0, 255] is far beyond
+            y_lo, y_hi = float(y.amin()), float(y.amax())
+            if y_lo < lo - margin or y_hi > hi + margin:
+                raise FlashInputError(
+                    f"y has values in [{y_lo:.4g}, {y_hi:.4g}], but {type(operator).__name__} maps images in [-1, 1] into "
+                    f"[{lo:g}, {hi:g}] (plus noise of std {noise_std:g}): y looks like a measurement of images on another "
+                    "scale; convert images in [0, 255] with x / 127.5 - 1 (in [0, 1]: 2 * x - 1) before measuring, "
+                    "or pass FlashConfig(check_measurement_range=False) if you know better."
+                )
+        return y.dtype
 
     def _solve_grouped(self, y, operator, start: StartPoint, generator) -> Solution:
         """Fallback for solvers without mixed starts: one call per group of equal start step."""
@@ -153,6 +220,42 @@ class FlashSolver:
         for idx, sol in parts:
             x[idx], latent[idx], nfe[idx] = sol.x, sol.latent, sol.nfe
         return Solution(x=x, latent=latent, nfe=nfe, start_step=start.step)
+
+
+def estimator_family(estimator: Any) -> str | None:
+    """The operator family a severity estimator was trained for, from its ``metadata``.
+
+    ``metadata["operator_family"]`` when present; otherwise ``metadata["operator"]`` resolved
+    through the operator registry (a preset or operator class name, e.g. ``"gblur-varying"`` ->
+    ``"gaussian-blur"``). ``None`` when neither names a known family (then nothing is checked).
+    """
+    meta = getattr(estimator, "metadata", None) or {}
+    family = meta.get("operator_family")
+    if isinstance(family, str):
+        return family
+    name = meta.get("operator")
+    if not isinstance(name, str):
+        return None
+    from flash_plugin.operators import OPERATOR_CLASSES, PRESETS
+
+    factory = PRESETS.get(name) or OPERATOR_CLASSES.get(name)  # built-ins without building the plugin manager
+    if factory is None:
+        from flash_plugin.registry import get_operator
+
+        try:
+            factory = get_operator(name)
+        except UnknownPluginNameError:
+            return None
+    family = getattr(factory, "operator_family", None)
+    return family if isinstance(family, str) else None
+
+
+def _model_dtype(solver: Any) -> torch.dtype | None:
+    """The dtype the solver's model declares (``model.dtype``, e.g. `LatentDiffusion.dtype`), or
+    ``None``: then ``y`` is passed on as given, exactly as to the unwrapped solver."""
+    model = getattr(solver, "model", None) if isinstance(solver, LatentModelSolver) else None
+    dtype = getattr(model, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
 def flash(solver: Any, estimator: Any = None, config: FlashConfig = FlashConfig()) -> FlashSolver:

@@ -35,9 +35,9 @@ def flash_register_solvers(register: Register) -> None:
     """Register solver factories by name.
 
     Call ``register(name, factory)`` once per solver: ``name`` is a short unique identifier
-    (e.g. ``"latent_dps"``), ``factory`` a callable (usually the class) that returns an object
-    satisfying `flash_plugin.protocols.Solver`. The first line of the factory's docstring is
-    shown by ``flash-plugin plugins``.
+    (e.g. ``"latent-dps"``), ``factory`` a callable (usually the class) that returns an object
+    satisfying `flash_plugin.protocols.Solver`. ``flash-plugin plugins`` shows the factory's
+    ``description`` string if it has one, else the first line of its docstring.
 
     :param register: the callable ``register(name: str, factory) -> None`` provided by the host.
 
@@ -49,9 +49,11 @@ def flash_register_solvers(register: Register) -> None:
 def flash_register_operators(register: Register) -> None:
     """Register degradation operator factories by name.
 
-    Call ``register(name, factory)`` once per operator family: ``name`` is a short unique
-    identifier (e.g. ``"gaussian_blur"``), ``factory`` a callable returning an object satisfying
-    `flash_plugin.protocols.Operator`.
+    Call ``register(name, factory)`` once per operator family or task: ``name`` is a short unique
+    identifier (e.g. ``"gaussian-blur"``), ``factory`` a callable returning an object satisfying
+    `flash_plugin.protocols.Operator`. A factory and its operators may declare
+    ``operator_family`` (e.g. ``"gaussian-blur"``): ``flash()`` then refuses a severity estimator
+    trained for another family.
 
     :param register: the callable ``register(name: str, factory) -> None`` provided by the host.
 
@@ -66,7 +68,7 @@ def flash_register_severity_estimators(register: Register) -> None:
     Call ``register(name, factory)`` once per estimator: ``name`` is a short unique identifier,
     ``factory`` a callable returning an object satisfying
     `flash_plugin.protocols.SeverityEstimator` (with ``metadata`` naming its latent space and
-    operator family).
+    operator family). Keep registration cheap: load weights inside ``factory``.
 
     :param register: the callable ``register(name: str, factory) -> None`` provided by the host.
 

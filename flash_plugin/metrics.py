@@ -9,9 +9,8 @@
   Gaussians fitted to two feature sets, in float64, via an eigenvalue formula (no ``sqrtm``).
 * `ClassifierFeatures`: 128-d penultimate-layer features of flash-plugin's own Fashion-MNIST
   classifier (`flash_plugin.models.classifier`). The Fréchet distance in this space is reported as
-  **FD-FMNIST**. It is *not* Inception FID (no Inception weights exist offline, see
-  ``/work/shared/reference/host-libraries.md`` §3) and its values are not comparable to FID numbers
-  in the literature.
+  **FD-FMNIST**. It is *not* Inception FID (the package must work offline and bundles no
+  Inception weights) and its values are not comparable to FID numbers in the literature.
 * `paired_difference`: mean and standard error of per-image differences of a metric between two
   methods evaluated on the same images.
 * `summarize_nfe`: mean/min/max of a per-sample NFE tensor (``Solution.nfe``).

@@ -100,7 +100,9 @@ class StepCallbackSolver(Solver, Protocol):
 @runtime_checkable
 class SeverityEstimator(Protocol):
     """Maps a measurement ``y`` to ``(ẑ, σ̂²)``; ``metadata`` names the latent space (``latent_id``)
-    and operator family it was trained for, so that a mismatch can be reported."""
+    and operator family it was trained for, so that a mismatch can be refused: ``operator_family``
+    (e.g. ``"gaussian-blur"``) or ``operator``, a registered operator or preset name whose family
+    is looked up (e.g. ``"gblur-varying"``)."""
 
     metadata: dict[str, Any]
 

@@ -9,6 +9,7 @@ optional ``pm``; by default the process-wide `flash_plugin.plugins.get_plugin_ma
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 import typing
 from dataclasses import dataclass
@@ -49,19 +50,49 @@ class Registration:
 
     @property
     def target(self) -> str:
-        """``module:qualname`` of the factory (its ``repr`` if it has none)."""
-        module = getattr(self.factory, "__module__", None)
-        qualname = getattr(self.factory, "__qualname__", None)
-        return f"{module}:{qualname}" if module and qualname else repr(self.factory)
+        """``module:qualname`` of the factory; for a factory that is an instance (e.g. a
+        `TaskPreset`), that of its class."""
+        factory = self.factory
+        if not (inspect.isclass(factory) or inspect.isroutine(factory)):
+            factory = type(factory)
+        module = getattr(factory, "__module__", None) or "?"
+        qualname = getattr(factory, "__qualname__", None) or getattr(factory, "__name__", None) or type(factory).__name__
+        return f"{module}:{qualname}"
 
     @property
     def description(self) -> str:
-        """The first line of the factory's docstring (empty if none)."""
-        doc = (getattr(self.factory, "__doc__", None) or "").strip()
-        return doc.splitlines()[0].strip() if doc else ""
+        """One plain line: the factory's ``description`` string if it has one (presets and bundled
+        encoders do), else the first line of its docstring; doc markup removed, empty if none."""
+        desc = getattr(self.factory, "description", None)
+        if not (isinstance(desc, str) and desc.strip()):
+            desc = getattr(self.factory, "__doc__", None) or ""
+        desc = desc.strip()
+        return plain_text(desc.splitlines()[0]) if desc else ""
 
-    def as_dict(self) -> dict[str, str]:
-        return {"name": self.name, "plugin": self.plugin, "target": self.target, "description": self.description}
+    @property
+    def family(self) -> str | None:
+        """The operator family the factory's objects belong to or were trained for
+        (``operator_family``), for operators and severity estimators; ``None`` if not declared."""
+        family = getattr(self.factory, "operator_family", None)
+        return family if isinstance(family, str) else None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready data (strings and ``None`` only); operators and estimators add ``family``."""
+        out: dict[str, Any] = {"name": self.name, "plugin": self.plugin, "target": self.target, "description": self.description}
+        if self.kind in ("operators", "severity_estimators"):
+            out["family"] = self.family
+        return out
+
+
+_ROLE_RE = re.compile(r":[A-Za-z][\w:.-]*:`([^`]*)`")
+_LITERAL_RE = re.compile(r"``([^`]*)``|`([^`]*)`")
+
+
+def plain_text(text: str) -> str:
+    """``text`` without reStructuredText markup (roles, ``literals``, `references`), whitespace collapsed."""
+    text = _ROLE_RE.sub(r"\1", text)
+    text = _LITERAL_RE.sub(lambda m: m.group(1) if m.group(1) is not None else m.group(2), text)
+    return " ".join(text.split())
 
 
 def _manager(pm: pluggy.PluginManager | None) -> pluggy.PluginManager:

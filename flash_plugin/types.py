@@ -1,6 +1,6 @@
 """Frozen result and schedule types shared by every part of flash-plugin.
 
-Conventions (see DESIGN.md section 2): images are ``(B, C, H, W)`` in ``[-1, 1]``; a step index
+Conventions (docs/architecture.md, "Conventions"): images are ``(B, C, H, W)`` in ``[-1, 1]``; a step index
 ``k`` counts the reverse steps that remain, ``k = N`` is a full solve from noise and ``k = 0``
 decodes the start latent without any denoiser call.
 """

@@ -156,10 +156,14 @@ def test_tune_records_the_settings_it_held_and_drops_stale_sweeps(tmp_path, monk
     from flash_plugin.bench import tune
     from flash_plugin.data import write_idx
 
+    # A complete fake dataset (all four IDX files): the sweep never reads the installed one.
     rng = np.random.default_rng(0)
-    write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (1, 28, 28)))
-    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, (1,)))
-    monkeypatch.setenv("FLASH_PLUGIN_FASHION_MNIST", str(tmp_path))
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    for split in ("train", "t10k"):
+        write_idx(data / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (1, 28, 28)))
+        write_idx(data / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, (1,)))
+    monkeypatch.setenv("FLASH_PLUGIN_FASHION_MNIST", str(data))
     out = tmp_path / "out"
     args = ["--solver", "latent-dps", "--tasks", "gblur-varying", "--param", "variance_scale", "--n-images", "1", "--out", str(out)]
     path = out / "tune_latent-dps_variance_scale.json"

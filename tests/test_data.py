@@ -37,6 +37,24 @@ def test_fashion_mnist_env_var_and_missing(fake_fmnist, tmp_path, monkeypatch):
         load_fashion_mnist("validation", fake_fmnist)
 
 
+def test_a_named_place_is_the_only_place_searched(fake_fmnist, tmp_path, monkeypatch):
+    # The installed copy must not stand in for a directory the user (or CI) named: an empty
+    # FLASH_PLUGIN_FASHION_MNIST hides it, and an explicit root is not mixed with either.
+    monkeypatch.delenv("FLASH_PLUGIN_FASHION_MNIST", raising=False)
+    monkeypatch.setattr("flash_plugin.data.fashion_mnist.DEBIAN_DIR", fake_fmnist)
+    assert load_fashion_mnist("test")[0].shape[0] == 3
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("FLASH_PLUGIN_FASHION_MNIST", str(empty))
+    with pytest.raises(FashionMNISTNotFound, match="not found in: .*empty"):
+        load_fashion_mnist("test")
+    monkeypatch.setenv("FLASH_PLUGIN_FASHION_MNIST", str(fake_fmnist))
+    with pytest.raises(FashionMNISTNotFound, match="not found in: .*empty"):
+        load_fashion_mnist("test", empty)
+    monkeypatch.setenv("FLASH_PLUGIN_FASHION_MNIST", "")  # empty value: as if unset
+    assert load_fashion_mnist("test")[0].shape[0] == 3
+
+
 def test_truncated_idx_file_is_refused(fake_fmnist):
     p = fake_fmnist / "t10k-images-idx3-ubyte.gz"
     data = gzip.open(p).read()

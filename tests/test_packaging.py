@@ -68,6 +68,24 @@ def test_no_top_level_adapters_or_conformance_imports():
     assert not offenders, f"import flash_plugin.adapters / flash_plugin.conformance instead, in {offenders}"
 
 
+def test_docs_the_code_cites_are_in_the_repository():
+    # Docstrings cite docs/architecture.md by section ("docs/architecture.md, \"Conventions\""): every
+    # cited section exists, and no module points at a path outside the repository.
+    headings = set(re.findall(r"^## (.+)$", (REPO / "docs" / "architecture.md").read_text(encoding="utf-8"), re.MULTILINE))
+    cited, outside = {}, []
+    for root in ("flash_plugin", "adapters", "conformance", "tests"):
+        for path in (REPO / root).rglob("*.py"):
+            text = path.read_text(encoding="utf-8")
+            for section in re.findall(r'docs/architecture\.md,\s+"([^"]+)"', text):
+                cited.setdefault(section, []).append(path.name)
+            if "/work/shared" in text and path.name != "test_packaging.py":
+                outside.append(str(path.relative_to(REPO)))
+    assert cited, "no module cites docs/architecture.md"
+    assert not {s: f for s, f in cited.items() if s not in headings}, f"cited sections missing from docs/architecture.md: {cited}"
+    assert not outside, f"modules cite paths outside the repository: {outside}"
+    assert (REPO / "flash_plugin" / "py.typed").is_file() and "py.typed" in SETUPTOOLS["package-data"]["flash_plugin"]
+
+
 def test_pytest_plugin_entry_point_matches_the_module():
     module_exists = (REPO / "conformance" / "pytest_plugin.py").is_file()
     declared = PYPROJECT["project"].get("entry-points", {}).get("pytest11", {})
@@ -93,6 +111,16 @@ def test_readme_shows_the_command_ci_runs():
     assert command.startswith("pip install torch==2.13.0 && ")
     assert os.access(REPO / ".ci" / "run", os.X_OK)
     assert "set -euo pipefail" in ci and '"$status" -eq 5' in ci
+
+
+def test_ci_runs_the_suite_again_with_the_data_hidden():
+    # A test that silently needs Fashion-MNIST must fail in CI, not on a user's machine without it:
+    # after the README's command, CI runs pytest with the loader pointed at an empty directory.
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    first = ci.index('bash -c "set -euo pipefail; $TEST_COMMAND"')
+    [empty] = re.findall(r'^(\w+)="\$\(mktemp -d\)"$', ci, re.MULTILINE)
+    second = ci.index(f'FLASH_PLUGIN_FASHION_MNIST="${empty}" pytest\n')
+    assert first < second
 
 
 # --- build and install --------------------------------------------------------------------------
@@ -162,6 +190,7 @@ def test_wheel_installs_packages_inside_flash_plugin(tmp_path):
     top = {n.split("/")[0] for n in names}
     assert not top & {"adapters", "conformance"}, top
     assert {"flash_plugin/adapters/__init__.py", "flash_plugin/conformance/__init__.py"} <= set(names)
+    assert "flash_plugin/py.typed" in names  # declared in package-data: type checkers read our hints
     missing = []
     for package, directory in source_packages(src).items():
         for py in directory.glob("*.py"):

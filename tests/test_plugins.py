@@ -515,3 +515,61 @@ def test_cli_requires_a_subcommand(capsys):
         cli.main([])
     assert info.value.code == 2
     assert "COMMAND" in capsys.readouterr().err
+
+
+# --- built-in registrations as `flash-plugin plugins` shows them --------------------------------------
+
+
+def test_bundled_severity_encoders_are_registered_and_load_only_when_called(fresh_plugin_manager, monkeypatch):
+    from flash_plugin.models import DEFAULT_MODEL_DIR
+    from flash_plugin.severity.encoder import SeverityEncoder
+
+    loads = []
+    real = SeverityEncoder.from_pretrained.__func__
+    monkeypatch.setattr(SeverityEncoder, "from_pretrained", classmethod(lambda cls, d, *a, **k: loads.append(d) or real(cls, d, *a, **k)))
+    entries = registry.registry("severity_estimators")
+    bundled = sorted(p.name for p in (DEFAULT_MODEL_DIR / "severity").iterdir() if p.is_dir())
+    assert list(entries) == bundled and {e.plugin for e in entries.values()} == {"flash_plugin.severity"}
+    assert loads == []  # registering and listing read no weights
+    encoder = registry.get_severity_estimator("gblur-varying")()
+    assert len(loads) == 1 and isinstance(encoder, SeverityEstimator)
+    assert encoder.metadata["operator"] == "gblur-varying"
+    assert [e["family"] for e in map(registry.Registration.as_dict, entries.values())] == ["gaussian-blur", "motion-blur", "inpainting"]
+
+
+def test_cli_plugins_one_clean_line_per_entry(fresh_plugin_manager, capsys):
+    from flash_plugin.operators import PRESETS
+
+    assert cli.main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "(module doc" not in out and "`" not in out
+    lines = out.splitlines()
+    for name, preset in PRESETS.items():
+        [line] = [ln for ln in lines if ln.split()[0] == name and "flash_plugin.operators" in ln]
+        assert line.endswith(preset.description) and f"[{preset.operator_family}]" in line
+    assert "Severity estimators (3):" in lines
+    for plugin in plugins.list_plugins(fresh_plugin_manager):  # a plugin is one line, its hooks included
+        [line] = [ln for ln in lines if ln.split()[0] == plugin["name"]]
+        assert line.endswith("hooks: " + ", ".join(plugin["hooks"]))
+
+
+def test_cli_plugins_json_holds_data_not_reprs(fresh_plugin_manager, capsys):
+    import re
+
+    assert cli.main(["plugins", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for kind in registry.KINDS:
+        for entry in report[kind]:
+            assert all(v is None or isinstance(v, str) for v in entry.values()), entry
+            assert re.fullmatch(r"[\w.]+:[\w.]+", entry["target"]), entry
+            assert "`" not in entry["description"] and "(module doc" not in entry["description"]
+    presets = {e["name"]: e for e in report["operators"] if e["target"] == "flash_plugin.operators.presets:TaskPreset"}
+    assert set(presets) == {"gblur-fixed", "gblur-varying", "nonlinear-blur", "random-inpainting"}
+    assert presets["gblur-fixed"]["family"] == presets["gblur-varying"]["family"] == "gaussian-blur"
+
+
+def test_plain_text_removes_doc_markup():
+    assert registry.plain_text("Blur of std ``noise_std`` in `measure`; see :class:`GaussianBlur`.") == (
+        "Blur of std noise_std in measure; see GaussianBlur."
+    )
+    assert registry.plain_text("  two   spaces ") == "two spaces"

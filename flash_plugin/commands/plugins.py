@@ -18,7 +18,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def collect() -> dict[str, Any]:
-    """What ``flash-plugin plugins --json`` prints: ``plugins``, ``failed`` and one list per registry."""
+    """What ``flash-plugin plugins --json`` prints: ``plugins``, ``failed`` and one list per registry
+    (each entry plain data: ``name``, ``plugin``, ``target`` as ``module:qualname``, ``description``,
+    and ``family`` for operators and severity estimators)."""
     from flash_plugin import plugins, registry
 
     pm = plugins.get_plugin_manager()
@@ -32,14 +34,14 @@ def collect() -> dict[str, Any]:
 
 
 def _text(report: dict[str, Any]) -> str:
+    """One line per plugin, per failure and per registered name."""
     from flash_plugin.registry import KINDS
 
     lines = [f"Plugins ({len(report['plugins'])}):"]
     for p in report["plugins"]:
         dist = f"{p['distribution']} {p['version'] or ''}".strip() if p["distribution"] else "-"
         tag = ", builtin" if p["builtin"] else ""
-        lines.append(f"  {p['name']}  [{dist}{tag}]")
-        lines.append(f"      hooks: {', '.join(p['hooks']) or '-'}")
+        lines.append(f"  {p['name']}  [{dist}{tag}]  hooks: {', '.join(p['hooks']) or '-'}")
     if report["failed"]:
         lines.append(f"Failed to load ({len(report['failed'])}):")
         for f in report["failed"]:
@@ -50,8 +52,9 @@ def _text(report: dict[str, Any]) -> str:
         lines.append(f"{kind.replace('_', ' ').capitalize()} ({len(entries)}):")
         width = max((len(e["name"]) for e in entries), default=0)
         for e in entries:
+            family = f"  [{e['family']}]" if e.get("family") else ""
             desc = f"  {e['description']}" if e["description"] else ""
-            lines.append(f"  {e['name']:<{width}}  ({e['plugin']}){desc}")
+            lines.append(f"  {e['name']:<{width}}  ({e['plugin']}){family}{desc}")
     return "\n".join(lines)
 
 

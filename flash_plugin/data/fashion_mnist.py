@@ -1,10 +1,11 @@
 """Fashion-MNIST from the standard IDX files, padded to 32x32 and scaled to [-1, 1].
 
-Where the files are looked for, in order:
-
-1. the ``root`` argument;
-2. the ``FLASH_PLUGIN_FASHION_MNIST`` environment variable;
-3. Debian's ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``).
+Where the files are looked for: the ``root`` argument when one is given; otherwise the
+``FLASH_PLUGIN_FASHION_MNIST`` environment variable when it is set (non-empty); otherwise Debian's
+``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``). Only one place is
+searched: a directory the caller named that lacks the files is an error, never a silent fall-back
+to another copy. So ``FLASH_PLUGIN_FASHION_MNIST=/some/empty/dir`` hides the installed data
+(CI runs the tests that way to catch tests that silently depend on it).
 
 Nothing is downloaded unless the caller asks for it with ``download=True``.
 """
@@ -38,13 +39,11 @@ class FashionMNISTNotFound(FileNotFoundError):
 
 
 def _candidates(root: str | os.PathLike | None) -> list[Path]:
-    dirs = []
     if root is not None:
-        dirs.append(Path(root))
+        return [Path(root)]
     if os.environ.get(ENV_VAR):
-        dirs.append(Path(os.environ[ENV_VAR]))
-    dirs.append(DEBIAN_DIR)
-    return dirs
+        return [Path(os.environ[ENV_VAR])]
+    return [DEBIAN_DIR]
 
 
 def _locate(directory: Path, stem: str) -> Path | None:
@@ -55,13 +54,14 @@ def _locate(directory: Path, stem: str) -> Path | None:
 
 
 def find_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
-    """Return the first directory that holds all four IDX files, or raise `FashionMNISTNotFound`."""
+    """The directory holding all four IDX files (see the module docstring for the one place
+    searched), or raise `FashionMNISTNotFound` naming it."""
     searched = _candidates(root)
     for d in searched:
         if all(_locate(d, stem) for pair in _FILES.values() for stem in pair):
             return d
     raise FashionMNISTNotFound(
-        "Fashion-MNIST IDX files not found in: "
+        "Fashion-MNIST IDX files (all four: train and t10k images and labels) not found in: "
         + ", ".join(str(d) for d in searched)
         + f". Install Debian's package (`apt-get install dataset-fashion-mnist`), set {ENV_VAR} to a "
         "directory holding train-images-idx3-ubyte(.gz) etc., or call load_fashion_mnist(download=True, root=DIR) "

@@ -137,6 +137,14 @@ class LatentDiffusion(torch.nn.Module):
     def device(self) -> torch.device:
         return self.alphas_cumprod.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The UNet's floating dtype: the dtype latents must have for `eps` (``flash()`` casts ``y`` to it)."""
+        for param in self.unet.parameters():
+            if param.is_floating_point():
+                return param.dtype
+        return torch.float32
+
     # ---- construction ------------------------------------------------------------------------
     @classmethod
     def from_pipeline(cls, pipe, *, conditioning: torch.Tensor | None = None, **kwargs) -> "LatentDiffusion":

@@ -3,15 +3,25 @@
 Families (one module each): `GaussianBlur`, `RandomInpainting`, `NonlinearBlur` (weight-free
 camera shake), `KernelWizardBlur` (the paper's bkse blur, for users with its weights) and
 `GaussianNoise`; the paper's tasks as data in `PRESETS` (`TaskPreset`). All share `BaseOperator`
-(validation, per-sample parameters, `select`, `to`, noise from the caller's generator); the linear
-ones have a true `adjoint` (`BaseLinearOperator`).
+(validation, the ``[-1, 1]`` image range, per-sample parameters, `select`, `to`, noise from the
+caller's generator); the linear ones have a true `adjoint` (`BaseLinearOperator`). Each class
+declares its ``operator_family`` (the registry name of the class, e.g. ``"gaussian-blur"``), the
+name severity estimators are matched against; a preset's family is its class's.
 
 Registered with the plugin manager through `flash_register_operators` (this module is a builtin
 plugin): operator classes and presets are both factories returning an operator.
 """
 
 from flash_plugin.markers import hookimpl
-from flash_plugin.operators.base import BaseLinearOperator, BaseOperator, GeneratorLike, adjointness_error, check_severity
+from flash_plugin.operators.base import (
+    BaseLinearOperator,
+    BaseOperator,
+    GeneratorLike,
+    ImageRangeWarning,
+    adjointness_error,
+    check_image_range,
+    check_severity,
+)
 from flash_plugin.operators.gaussian_blur import GaussianBlur
 from flash_plugin.operators.inpainting import RandomInpainting
 from flash_plugin.operators.kernel_wizard import KernelWizard, KernelWizardBlur, KernelWizardConfig, convert_bkse_checkpoint
@@ -33,6 +43,7 @@ __all__ = [
     "GaussianBlur",
     "GaussianNoise",
     "GeneratorLike",
+    "ImageRangeWarning",
     "KernelWizard",
     "KernelWizardBlur",
     "KernelWizardConfig",
@@ -42,6 +53,7 @@ __all__ = [
     "RandomInpainting",
     "TaskPreset",
     "adjointness_error",
+    "check_image_range",
     "check_severity",
     "convert_bkse_checkpoint",
     "flash_register_operators",

@@ -9,19 +9,27 @@ where ``θ`` are *per-sample* parameters (a blur std, a mask, a kernel, one row 
 here). `BaseOperator.forward` is the noiseless, differentiable ``A(x)``; `BaseOperator.measure`
 adds the noise.
 
+Image range. `BaseOperator.measure` is where clean images enter, so it refuses a batch that is
+plainly on another scale (`check_image_range`): values beyond ±1.5, or a batch with no negative
+value that exceeds 1.05 (``[0, 255]`` images). A batch in ``[0, 1]`` cannot be told from a bright
+``[-1, 1]`` one with certainty, so it gets an `ImageRangeWarning` instead. `forward` checks no range:
+solvers call it on decoded estimates, which may overshoot.
+
 Randomness. Everything random (masks, kernels, noise) is drawn from the caller's generator. A
 ``generator`` argument may be
 
 * ``None``: torch's global generator;
 * one ``torch.Generator``: the whole batch is drawn from it in one go;
 * a sequence of ``B`` generators: sample ``i`` is drawn from ``generator[i]`` alone, so a batch
-  equals its samples built one by one with the same per-sample generators (DESIGN.md, section 2).
+  equals its samples built one by one with the same per-sample generators (docs/architecture.md,
+  "Conventions").
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Sequence
 from typing import ClassVar, Union
 
@@ -36,11 +44,19 @@ __all__ = [
     "BaseOperator",
     "BaseLinearOperator",
     "GeneratorLike",
+    "ImageRangeWarning",
     "adjointness_error",
+    "check_image_range",
     "check_severity",
     "rand",
     "randn",
 ]
+
+IMAGE_RANGE_HINT = "convert images in [0, 255] with x / 127.5 - 1 and images in [0, 1] with 2 * x - 1"
+
+
+class ImageRangeWarning(UserWarning):
+    """An image batch lies in ``[0, 1]``: possibly images on the wrong scale (see `check_image_range`)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,6 +119,33 @@ def check_severity(t, batch_size: int | None = None, name: str = "t") -> torch.T
     return tt
 
 
+def check_image_range(x: torch.Tensor, name: str = "x") -> None:
+    """Refuse an image batch that is plainly not on the ``[-1, 1]`` scale every operator and the
+    bundled model use.
+
+    Raises `FlashInputError` (naming the conversions) when a value lies beyond ±1.5, or when the
+    batch has no negative value and exceeds 1.05 (``[0, 255]`` images). Warns with
+    `ImageRangeWarning` when the batch has no negative value and reaches above 0.5: images in
+    ``[0, 1]`` measured as if in ``[-1, 1]`` cost several dB without an error anywhere, but a bright
+    ``[-1, 1]`` batch looks the same, so this one is not refused.
+    """
+    if x.numel() == 0:
+        return
+    lo, hi = float(x.amin()), float(x.amax())
+    if hi > 1.5 or lo < -1.5 or (lo >= 0.0 and hi > 1.05):
+        raise FlashInputError(
+            f"{name} must be images in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]: {IMAGE_RANGE_HINT} "
+            "(measure(..., check_range=False) skips this check for data that is not images)"
+        )
+    if lo >= 0.0 and hi > 0.5:
+        warnings.warn(
+            f"{name} has no negative value (range [{lo:.4g}, {hi:.4g}]): images in [-1, 1] are expected; "
+            "if these are images in [0, 1], convert them with 2 * x - 1 before measuring",
+            ImageRangeWarning,
+            stacklevel=3,
+        )
+
+
 def _check_noise_std(noise_std) -> float:
     return check_nonnegative("noise_std", noise_std)
 
@@ -132,10 +175,17 @@ class BaseOperator:
         severity: float64 ``[B]`` in ``[0, 1]`` when the operator was built from a severity,
             else ``None``.
         channels: the channel count the operator requires, or ``None`` (any).
+        operator_family: the family name severity estimators are matched against (their metadata
+            name it; ``flash()`` refuses a mismatch), e.g. ``"gaussian-blur"``; ``None``: unknown,
+            never checked.
+        output_range: the range of the noiseless ``A(x)`` for ``x`` in ``[-1, 1]``, or ``None``
+            when unknown; ``flash()`` uses it to refuse measurements on another scale.
     """
 
     _per_sample: ClassVar[tuple[str, ...]] = ()
     channels: int | None = None
+    operator_family: ClassVar[str | None] = None
+    output_range: ClassVar[tuple[float, float] | None] = None
 
     def __init__(self, batch_size: int | None, noise_std: float = 0.0, severity=None) -> None:
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
@@ -158,12 +208,16 @@ class BaseOperator:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
 
-    def measure(self, x: torch.Tensor, generator: GeneratorLike = None) -> torch.Tensor:
+    def measure(self, x: torch.Tensor, generator: GeneratorLike = None, *, check_range: bool = True) -> torch.Tensor:
         """``A(x) + σ_y n`` with ``n ~ N(0, I)`` drawn from ``generator`` (see module docstring).
 
         The noise is drawn on the generator's device in ``x.dtype`` and then moved to
-        ``x.device``, so a CPU generator gives the same ``y`` on every device.
+        ``x.device``, so a CPU generator gives the same ``y`` on every device. ``x`` must be
+        images in ``[-1, 1]`` (`check_image_range`); ``check_range=False`` skips that check.
         """
+        if check_range:
+            self._check_input(x, "x")
+            check_image_range(x, "x")
         y = self.forward(x)
         if self.noise_std == 0.0:
             return y

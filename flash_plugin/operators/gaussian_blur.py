@@ -70,7 +70,7 @@ def gaussian_kernels_1d(std: torch.Tensor, truncate: float = DEFAULT_TRUNCATE, m
 
 
 class GaussianBlur(BaseLinearOperator):
-    """Separable depthwise Gaussian blur with reflection padding and a per-sample std (module doc).
+    """Separable depthwise Gaussian blur with reflection padding and a per-sample std.
 
     Args:
         std: blur standard deviations in pixels, shape ``[B]``, finite and ``>= 0``.
@@ -80,6 +80,8 @@ class GaussianBlur(BaseLinearOperator):
     """
 
     _per_sample = ("std",)
+    operator_family = "gaussian-blur"
+    output_range = (-1.0, 1.0)  # a normalised non-negative kernel: a convex combination of pixels
 
     def __init__(self, std: torch.Tensor, noise_std: float = 0.0, *, truncate: float = DEFAULT_TRUNCATE, severity=None) -> None:
         std = torch.as_tensor(std)

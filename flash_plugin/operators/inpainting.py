@@ -54,7 +54,7 @@ def _spatial(image_shape: Sequence[int]) -> tuple[int, int]:
 
 
 class RandomInpainting(BaseLinearOperator):
-    """Pixel masking ``y = m ⊙ x`` with a per-sample binary mask (module docstring).
+    """Pixel masking ``y = m ⊙ x`` with a per-sample binary mask.
 
     Args:
         mask: ``(B, 1, H, W)`` or ``(B, H, W)``, bool or 0/1 values; 1 = kept pixel.
@@ -63,6 +63,8 @@ class RandomInpainting(BaseLinearOperator):
     """
 
     _per_sample = ("mask",)
+    operator_family = "inpainting"
+    output_range = (-1.0, 1.0)
 
     def __init__(self, mask: torch.Tensor, noise_std: float = 0.0, *, severity=None) -> None:
         mask = torch.as_tensor(mask)

@@ -379,7 +379,7 @@ def convert_bkse_checkpoint(
 # Operator
 # ----------------------------------------------------------------------------------------------
 class KernelWizardBlur(BaseOperator):
-    """``y = clip(2·G((x + 1)/2, k_b) − 1)`` with a per-sample kernel code ``k_b`` (module doc).
+    """The paper's learned nonlinear blur (bkse): ``y = clip(2·G((x + 1)/2, k_b) − 1)``, one kernel code per sample.
 
     Args:
         model: a `KernelWizard` (its device and dtype are used for the computation; inputs on
@@ -394,6 +394,8 @@ class KernelWizardBlur(BaseOperator):
     """
 
     _per_sample = ("codes",)
+    operator_family = "kernel-wizard"
+    output_range = (-1.0, 1.0)  # clipped
 
     def __init__(self, model: KernelWizard, codes: torch.Tensor, noise_std: float = 0.0, *, channels: int | None = None) -> None:
         if not isinstance(model, KernelWizard):

@@ -15,13 +15,16 @@ __all__ = ["GaussianNoise"]
 
 
 class GaussianNoise(BaseLinearOperator):
-    """Identity forward with additive Gaussian noise of std ``noise_std`` in `measure`.
+    """Denoising: the identity forward map, Gaussian noise of std ``noise_std`` added by `measure`.
 
     Args:
         noise_std: ``σ_y`` on the ``[-1, 1]`` scale.
         batch_size: ``B`` the inputs must have, or ``None`` (default) for any batch: the operator
             has no per-sample parameters, so nothing could be broadcast wrongly.
     """
+
+    operator_family = "gaussian-noise"
+    output_range = (-1.0, 1.0)
 
     def __init__(self, noise_std: float = 0.1, *, batch_size: int | None = None) -> None:
         super().__init__(batch_size, noise_std)

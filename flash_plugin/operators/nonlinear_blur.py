@@ -159,7 +159,7 @@ def trajectory_kernels(paths: torch.Tensor, lengths: torch.Tensor, max_spacing: 
 # Operator
 # ----------------------------------------------------------------------------------------------
 class NonlinearBlur(BaseOperator):
-    """Motion blur in linear intensity with camera response and highlight saturation (module doc).
+    """Camera-shake motion blur in linear intensity, with camera response and highlight saturation.
 
     Args:
         kernels: per-sample blur kernels ``(B, K, K)``, ``K`` odd, non-negative, each summing to 1
@@ -170,6 +170,8 @@ class NonlinearBlur(BaseOperator):
     """
 
     _per_sample = ("kernels",)
+    operator_family = "motion-blur"
+    output_range = (-1.0, 1.0)  # the camera response of a clipped [0, 1] intensity
 
     def __init__(self, kernels: torch.Tensor, noise_std: float = 0.0, *, exposure: float = DEFAULT_EXPOSURE, severity=None) -> None:
         kernels = torch.as_tensor(kernels)

@@ -83,6 +83,12 @@ class TaskPreset:
 
     __call__ = make  # a preset is an operator factory (the plugin registry's contract)
 
+    @property
+    def operator_family(self) -> str | None:
+        """The family name of the operators it makes (``family.operator_family``), e.g.
+        ``"gaussian-blur"`` for both Gaussian-blur presets."""
+        return getattr(self.family, "operator_family", None)
+
     def sample_severity(self, batch_size: int, generator: GeneratorLike = None) -> torch.Tensor:
         """``t ~ U(severity_range)``, float64 ``[batch_size]``, from ``generator``."""
         if not isinstance(batch_size, int) or batch_size < 1:

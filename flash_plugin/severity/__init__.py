@@ -7,14 +7,21 @@
   DDP-capable training loop.
 * `evaluate_severity_encoder`, `SeverityReport` (evaluate.py): Spearman, pairwise ordering
   accuracy, calibration, start steps, scatter plot.
+* `BundledSeverityEncoder` (bundled.py): the bundled model's encoders as registry factories.
 
 Heavy modules are imported lazily (attribute access), so ``import flash_plugin.severity`` is cheap.
+
+Built-in plugin: `flash_register_severity_estimators` registers each bundled encoder under the task
+preset it was trained on (``"gblur-varying"``, ``"nonlinear-blur"``, ``"random-inpainting"``), so
+``flash_plugin.registry.get_severity_estimator("gblur-varying")()`` loads it.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
+
+from flash_plugin.markers import hookimpl
 
 _EXPORTS = {
     "SeverityEncoder": "flash_plugin.severity.encoder",
@@ -28,9 +35,19 @@ _EXPORTS = {
     "ordering_accuracy": "flash_plugin.severity.evaluate",
     "calibration": "flash_plugin.severity.evaluate",
     "plot_severity": "flash_plugin.severity.evaluate",
+    "BundledSeverityEncoder": "flash_plugin.severity.bundled",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "flash_register_severity_estimators"])
+
+
+@hookimpl
+def flash_register_severity_estimators(register):
+    """Register the bundled model's severity encoders (loaded only when a factory is called)."""
+    from flash_plugin.severity.bundled import bundled_severity_encoders
+
+    for name, factory in bundled_severity_encoders().items():
+        register(name, factory)
 
 
 def __getattr__(name: str) -> Any:

@@ -1,6 +1,6 @@
 """`SeverityEncoder`: measurement ``y`` -> ``(ẑ, σ̂²)`` in a `LatentDiffusion`'s latent space.
 
-Architecture (Fabian et al., "Adapt and Diffuse", ICML 2024; DESIGN.md section 9):
+Architecture (Fabian et al., "Adapt and Diffuse", ICML 2024; docs/architecture.md, "Severity encoder"):
 
 * **Mean branch.** A trainable copy of the autoencoder's ``encoder`` and ``quant_conv``,
   initialised from the autoencoder's weights, followed by exactly the `LatentDiffusion` latent

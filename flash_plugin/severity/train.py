@@ -1,6 +1,6 @@
 """Training of a `SeverityEncoder`: loss, deterministic data, checkpoints, resume, DDP.
 
-Loss (DESIGN.md section 9), per sample ``i``, averaged over the batch::
+Loss (docs/architecture.md, "Severity encoder"), per sample ``i``, averaged over the batch::
 
     L_i = mean_k (ẑ_ik − z0_ik)²                          latent MSE (per element)
         + λσ · V(σ̄²_i, σ̂²_i)                              variance term
