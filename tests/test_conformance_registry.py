@@ -237,7 +237,7 @@ def _bundled_case(name: str):
     from flash_plugin.operators import get_preset
 
     x, _ = load_test_images()
-    estimator = registry.get_severity_estimator(name)
+    estimator = registry.get_severity_estimator(name)()  # a registered factory: calling it loads the weights
     family = get_preset(estimator.metadata["operator"])
     return conf.EstimatorCase(estimator, family=lambda t, g: family.make(family.severity_range[0] + (
         family.severity_range[1] - family.severity_range[0]) * t, g), images=x[:16], name=name)

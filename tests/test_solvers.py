@@ -619,3 +619,18 @@ def test_resample_alpha_current_is_the_official_mixture(oracle):
     assert ReSample(oracle, num_steps=20).stochastic_resample(z0, z_prev, 1.0, 0.3, None).equal(z0)
     with pytest.raises(FlashInputError, match="resample_alpha"):
         ReSample(oracle, num_steps=20, variant="original", resample_alpha="current")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_model_that_declares_its_dtype_solves_measurements_of_another(tiny, dtype):
+    """LatentDiffusion declares float32: a float64 or bfloat16 y is solved in float32 and the
+    result returned in y's dtype (it ended in a raw conv dtype error before)."""
+    g = torch.Generator().manual_seed(8)
+    op = MaskOperator((torch.rand((2, 1, 16, 16), generator=g) < 0.5).float(), noise_std=0.1)
+    y = op.measure(torch.rand((2, 1, 16, 16), generator=g) * 2 - 1, generator=g)
+    solver = LatentDPS(tiny, zeta=0.5, num_steps=5)
+    ref = solver.solve(y, op, generator=gens([0, 1]))
+    sol = solver.solve(y.to(dtype), op, generator=gens([0, 1]))
+    assert sol.x.dtype == sol.latent.dtype == dtype
+    if dtype == torch.float64:
+        torch.testing.assert_close(sol.x, ref.x.double(), rtol=0, atol=0)

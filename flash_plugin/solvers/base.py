@@ -1,6 +1,6 @@
 """The reverse-diffusion loop shared by every reference solver.
 
-One loop serves all solvers and all start steps (DESIGN.md section 7): with per-sample start
+One loop serves all solvers and all start steps (docs/architecture.md, "The Flash core"): with per-sample start
 steps ``k_i`` the loop runs ``k = max_i k_i, ..., 1``; sample ``i`` is *active* from the moment
 ``k`` reaches ``k_i`` (its start latent is used as given), and the denoiser runs on active
 samples only. Each sample therefore makes exactly ``k_i`` denoiser calls, at the timesteps
@@ -171,6 +171,10 @@ class ReverseDiffusionSolver:
                         "under torch.inference_mode(); create them outside it (torch.no_grad() is fine)"
                     ) from err
         self.check_inputs(y, operator)
+        out_dtype = y.dtype
+        model_dtype = getattr(self.model, "dtype", None)
+        if isinstance(model_dtype, torch.dtype) and model_dtype != y.dtype:
+            y = y.to(model_dtype)  # a model that declares its dtype computes in it; results return in y's dtype
         batch = y.shape[0]
         check_generators(generator, batch)
         device = y.device
@@ -217,7 +221,7 @@ class ReverseDiffusionSolver:
             nfe[: len(extra)] += extra.to(nfe.device)
         with torch.no_grad():
             x = self.model.decode(z)
-        return Solution(x=x.detach(), latent=z, nfe=nfe, start_step=steps.clone(), extras={k: v for k, v in state.items() if k.startswith("count_")})
+        return Solution(x=x.detach().to(out_dtype), latent=z.to(out_dtype), nfe=nfe, start_step=steps.clone(), extras={k: v for k, v in state.items() if k.startswith("count_")})
 
 
 class Sampler(ReverseDiffusionSolver):
