@@ -90,15 +90,21 @@ class FlashSolver:
 
     supports_mixed_starts: Literal[True] = True
 
-    def __init__(self, solver: Solver, estimator: SeverityEstimator, config: FlashConfig = FlashConfig()):
+    def __init__(self, solver: Solver, estimator: SeverityEstimator | None, config: FlashConfig = FlashConfig()):
         self.solver = solver
         self.estimator = estimator
         self.config = config
         n = solver.schedule.num_steps
         if config.force_step is not None and not 0 <= config.force_step <= n:
             raise FlashInputError(f"force_step must lie in 0..{n}, got {config.force_step}")
-        if config.check_latent_space and isinstance(solver, LatentModelSolver):
-            want = getattr(solver.model, "latent_id", None)
+        self._resolved: dict[str | None, SeverityEstimator] = {}  # estimators found in the registry, by family
+        if estimator is not None:
+            self._check_latent_space(estimator)
+        self._dtype = _model_dtype(solver)
+
+    def _check_latent_space(self, estimator: Any) -> None:
+        if self.config.check_latent_space and isinstance(self.solver, LatentModelSolver):
+            want = getattr(self.solver.model, "latent_id", None)
             have = (getattr(estimator, "metadata", None) or {}).get("latent_id")
             if want is not None and have is not None and want != have:
                 raise LatentSpaceMismatchError(
@@ -106,8 +112,18 @@ class FlashSolver:
                     "its ẑ would be meaningless for this model. Train an encoder for this autoencoder "
                     "(flash-plugin train-severity) or pass FlashConfig(check_latent_space=False) if you know better."
                 )
-        self._estimator_family = estimator_family(estimator)
-        self._dtype = _model_dtype(solver)
+
+    def estimator_for(self, operator: Any, device: torch.device | None = None) -> SeverityEstimator:
+        """The estimator for measurements of ``operator``: the one given to `flash`, else the
+        registered one whose operator family is the operator's and whose latent space is the
+        solver model's (looked up once per family; `NotAdaptableError` listing what is installed
+        when none fits)."""
+        if self.estimator is not None:
+            return self.estimator
+        family = getattr(operator, "operator_family", None)
+        if family not in self._resolved:
+            self._resolved[family] = _resolve_estimator(self.solver, family, device)
+        return self._resolved[family]
 
     @property
     def schedule(self) -> NoiseSchedule:
@@ -118,11 +134,12 @@ class FlashSolver:
         return getattr(self.solver, "model", None)
 
     def __repr__(self) -> str:
-        return f"FlashSolver({self.solver!r}, estimator={type(self.estimator).__name__}, config={self.config})"
+        shown = "<from the registry>" if self.estimator is None else type(self.estimator).__name__
+        return f"FlashSolver({self.solver!r}, estimator={shown}, config={self.config})"
 
-    def estimate(self, y: torch.Tensor) -> SeverityEstimate:
+    def estimate(self, y: torch.Tensor, operator: Any = None) -> SeverityEstimate:
         with torch.no_grad():
-            est = self.estimator.estimate(y)
+            est = self.estimator_for(operator, y.device).estimate(y)
         b = y.shape[0]
         if est.latent.shape[0] != b or est.variance.shape != (b,):
             raise FlashInputError(
@@ -131,11 +148,12 @@ class FlashSolver:
             )
         return est
 
-    def start_point(self, y: torch.Tensor, generator: GeneratorLike = None) -> tuple[StartPoint, SeverityEstimate]:
+    def start_point(self, y: torch.Tensor, generator: GeneratorLike = None, operator: Any = None) -> tuple[StartPoint, SeverityEstimate]:
         """Estimate ``(ẑ, σ̂²)`` and build the per-sample start (consumes one normal draw per sample).
 
-        The estimate returned is the estimator's own (``σ̂²`` before ``variance_scale``)."""
-        est = self.estimate(y)
+        The estimate returned is the estimator's own (``σ̂²`` before ``variance_scale``); ``operator``
+        selects the estimator when none was given to `flash`."""
+        est = self.estimate(y, operator)
         sched, cfg = self.schedule, self.config
         variance = est.variance * cfg.variance_scale  # exact for v = 1
         if cfg.force_step is not None:  # σ̂² is still validated, by start_latent below
@@ -161,7 +179,7 @@ class FlashSolver:
         check_generators(generator, y.shape[0])
         if self._dtype is not None and y.dtype != self._dtype:
             y = y.to(self._dtype)
-        start, est = self.start_point(y, generator)
+        start, est = self.start_point(y, generator, operator)
         if isinstance(self.solver, MixedStartSolver) or torch.unique(start.step).numel() == 1:
             sol = self.solver.solve(y, operator, start=start, generator=generator)
         else:
@@ -180,9 +198,9 @@ class FlashSolver:
         if not bool(torch.isfinite(y).all()):
             raise FlashInputError("y contains NaN or Inf")
         cfg = self.config
-        if cfg.check_operator_family:
+        if cfg.check_operator_family and self.estimator is not None:
             want = getattr(operator, "operator_family", None)
-            have = self._estimator_family
+            have = estimator_family(self.estimator)
             if isinstance(want, str) and have is not None and want != have:
                 raise OperatorFamilyMismatchError(
                     f"the severity estimator was trained for operator family {have!r} but the operator "
@@ -250,6 +268,41 @@ def estimator_family(estimator: Any) -> str | None:
     return family if isinstance(family, str) else None
 
 
+def _resolve_estimator(solver: Any, family: str | None, device: torch.device | None) -> SeverityEstimator:
+    """The first registered severity estimator (by name) trained for ``family`` and for the latent
+    space of ``solver``'s model. A factory's ``operator_family`` / ``latent_id`` attributes are
+    read without calling it; one that does not declare them is called and its metadata read."""
+    from flash_plugin.registry import registry
+
+    model = getattr(solver, "model", None) if isinstance(solver, LatentModelSolver) else None
+    latent_id = getattr(model, "latent_id", None)
+    regs = registry("severity_estimators")
+    installed = []
+    for name, reg in sorted(regs.items()):
+        have_family = reg.family
+        have_latent = getattr(reg.factory, "latent_id", None)
+        installed.append(f"{name} (family {have_family or '?'}, latent space {have_latent or '?'})")
+        if family is None or (have_family is not None and have_family != family):
+            continue
+        if latent_id is not None and have_latent is not None and have_latent != latent_id:
+            continue
+        estimator = reg.factory()
+        if have_family is None and estimator_family(estimator) != family:
+            continue
+        if latent_id is not None and (getattr(estimator, "metadata", None) or {}).get("latent_id") not in (None, latent_id):
+            continue
+        if device is not None and isinstance(estimator, torch.nn.Module):
+            estimator = estimator.to(device)
+        return estimator
+    what = f"operator family {family!r}" if family is not None else "an operator that declares no operator_family"
+    raise NotAdaptableError(
+        f"flash() was given no severity estimator, and none of the installed ones fits {what} and latent space "
+        f"{latent_id!r}. Installed: {', '.join(installed) or 'none'}. Pass estimator=..., or train one for this model and "
+        "operator with `flash-plugin train-severity --model DIR --operator PRESET` and register it "
+        "(flash_register_severity_estimators)."
+    )
+
+
 def _model_dtype(solver: Any) -> torch.dtype | None:
     """The dtype the solver's model declares (``model.dtype``, e.g. `LatentDiffusion.dtype`), or
     ``None``: then ``y`` is passed on as given, exactly as to the unwrapped solver."""
@@ -262,7 +315,9 @@ def flash(solver: Any, estimator: Any = None, config: FlashConfig = FlashConfig(
     """Wrap ``solver`` so that every sample starts at its own estimated severity.
 
     ``solver`` may satisfy `Solver` already or be adaptable by a plugin (``flash_adapt_solver``);
-    ``estimator`` likewise (``flash_adapt_severity_estimator``). Flashing a `FlashSolver` is an error.
+    ``estimator`` likewise (``flash_adapt_severity_estimator``). Without an ``estimator``, each call
+    uses the registered one trained for the operator's ``operator_family`` and the latent space of
+    the solver's model (`FlashSolver.estimator_for`). Flashing a `FlashSolver` is an error.
     """
     if isinstance(solver, FlashSolver):
         raise AlreadyFlashedError("this solver is already flashed (a FlashSolver); flash the original solver instead of wrapping twice")
@@ -270,12 +325,7 @@ def flash(solver: Any, estimator: Any = None, config: FlashConfig = FlashConfig(
         from flash_plugin.registry import adapt_solver
 
         solver = adapt_solver(solver)
-    if estimator is None:
-        raise NotAdaptableError(
-            "no severity estimator given: pass estimator=... (e.g. flash_plugin.severity.SeverityEncoder.from_pretrained(dir) "
-            "or a bundled one from flash_plugin.models.load_default_model())"
-        )
-    if not isinstance(estimator, SeverityEstimator):
+    if estimator is not None and not isinstance(estimator, SeverityEstimator):
         from flash_plugin.registry import adapt_severity_estimator
 
         estimator = adapt_severity_estimator(estimator)

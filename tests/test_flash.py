@@ -176,3 +176,71 @@ def test_flash_of_a_guided_solver_under_inference_mode(oracle):
     with torch.inference_mode():
         sol = flashed(y.clone(), Identity(), generator=gens([1, 2]))
     assert torch.equal(sol.x, ref.x) and torch.equal(sol.nfe, ref.nfe) and sol.nfe.sum() > 0
+
+
+def test_without_an_estimator_the_registry_supplies_one_per_operator_family(oracle, fresh_plugin_manager):
+    """flash(solver) alone: the estimator registered for the operator's family and the model's
+    latent space is used (looked up once per family); none fitting is a clear error."""
+    from flash_plugin.errors import NotAdaptableError
+    from flash_plugin.markers import hookimpl
+    from flash_plugin.operators import GaussianBlur, RandomInpainting
+
+    made = []
+
+    class Factory:
+        def __init__(self, family, latent_id, variance):
+            self.operator_family, self.latent_id, self.variance = family, latent_id, variance
+
+        def __call__(self):
+            made.append(self.operator_family)
+            est = FixedEstimator([self.variance] * 2, latent_id=self.latent_id)
+            est.metadata["operator_family"] = self.operator_family
+            return est
+
+    class Plugin:
+        @hookimpl
+        def flash_register_severity_estimators(self, register):
+            register("blur-other-model", Factory("gaussian-blur", "another-autoencoder", 0.9))
+            register("blur-here", Factory("gaussian-blur", oracle.latent_id, 0.05))
+            register("inpainting-here", Factory("inpainting", oracle.latent_id, 0.5))
+
+    fresh_plugin_manager.register(Plugin(), name="estimators-for-the-oracle")
+    flashed = flash(Sampler(oracle, num_steps=100))
+    blur = GaussianBlur(torch.tensor([0.5, 1.0]), 0.0)
+    y = torch.zeros(2, 2, 2, 2)
+    a = flashed(y, blur, generator=gens([0, 1]))
+    b = flashed(y, blur, generator=gens([0, 1]))
+    assert torch.equal(a.x, b.x) and made == ["gaussian-blur"]  # the other model's blur estimator is skipped, once
+    assert torch.allclose(a.severity, torch.full((2,), 0.05, dtype=torch.float64))
+    masks = RandomInpainting(torch.ones(2, 1, 2, 2), 0.0)
+    c = flashed(y, masks, generator=gens([0, 1]))
+    assert torch.allclose(c.severity, torch.full((2,), 0.5, dtype=torch.float64)) and made == ["gaussian-blur", "inpainting"]
+    assert int(c.start_step[0]) > int(a.start_step[0])  # a larger σ̂² starts earlier
+    assert "<from the registry>" in repr(flashed)
+
+    class Motion:
+        operator_family, noise_std = "motion-blur", 0.0
+
+        def forward(self, x):
+            return x
+
+    with pytest.raises(NotAdaptableError) as info:
+        flashed(y, Motion())
+    msg = str(info.value)
+    assert "operator family 'motion-blur'" in msg and "blur-here (family gaussian-blur" in msg and "train-severity" in msg
+
+
+def test_the_bundled_encoders_are_found_for_the_bundled_model():
+    from flash_plugin.models import load_default_model, load_test_images
+    from flash_plugin.operators import get_preset
+    from flash_plugin.solvers import LatentDPS
+
+    model = load_default_model().latent_diffusion
+    x, _ = load_test_images()
+    g = torch.Generator().manual_seed(0)
+    op = get_preset("gblur-fixed").make(torch.ones(2), g)
+    y = op.measure(x[:2], g)
+    flashed = flash(LatentDPS(model, zeta=0.5, num_steps=20))
+    estimator = flashed.estimator_for(op)
+    assert estimator.metadata["operator"] == "gblur-varying"  # the paper reuses the varying-blur encoder
+    assert flashed(y, op, generator=gens([0, 1])).nfe.max() <= 20

@@ -37,6 +37,18 @@ class BundledSeverityEncoder:
         return preset.operator_family if preset is not None else None
 
     @property
+    def latent_id(self) -> str | None:
+        """The latent space it was trained for, from its JSON config (no weights are read)."""
+        import json
+
+        from flash_plugin.severity.encoder import CONFIG_NAME
+
+        try:
+            return json.loads((self.directory / CONFIG_NAME).read_text()).get("latent_id")
+        except (OSError, ValueError):
+            return None
+
+    @property
     def description(self) -> str:
         """One line for ``flash-plugin plugins``."""
         return f"Severity encoder of the bundled {self.model_name} model, trained on the {self.name} task"
