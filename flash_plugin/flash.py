@@ -40,7 +40,7 @@ from flash_plugin.errors import (
     UnknownPluginNameError,
 )
 from flash_plugin.protocols import LatentModelSolver, MixedStartSolver, SeverityEstimator, Solver
-from flash_plugin.schedule import select_start_step, start_latent
+from flash_plugin.schedule import allocate_steps, select_start_step, start_latent
 from flash_plugin.solvers.base import select_operator
 from flash_plugin.types import NoiseSchedule, SeverityEstimate, Solution, StartPoint
 from flash_plugin.utils.random import GeneratorLike, check_generators, randn_per_sample, subset_generators
@@ -59,6 +59,10 @@ class FlashConfig:
         start_mode: ``"noise_correction"`` (the paper) or ``"snr_matched"`` (``a_k ẑ + b_k ε``).
         min_step, max_step: clamps on ``k*`` (``max_step=None`` means ``N``).
         force_step: ignore ``σ̂²`` and start every sample at this step (ablations; ``N`` = unwrapped).
+        budget: a compute budget, the mean number of steps per sample in each call (NFE for solvers
+            with one denoiser call per step): start steps are allocated by ``σ̂²`` so that the
+            mean is exactly ``round(budget · B) / B`` (`flash_plugin.schedule.allocate_steps`);
+            ``None`` uses the SNR rule.
         check_latent_space: refuse an estimator trained for another latent space than the solver's.
         check_operator_family: refuse an estimator whose metadata names another operator family
             than the operator's ``operator_family`` (its ``σ̂²`` would be meaningless there).
@@ -71,6 +75,7 @@ class FlashConfig:
     min_step: int = 0
     max_step: int | None = None
     force_step: int | None = None
+    budget: float | None = None
     check_latent_space: bool = True
     check_operator_family: bool = True
     check_measurement_range: bool = True
@@ -80,6 +85,10 @@ class FlashConfig:
             raise FlashInputError(f"noise_correction must be a finite number >= 0, got {self.noise_correction}")
         if not (self.variance_scale > 0 and self.variance_scale < float("inf")):
             raise FlashInputError(f"variance_scale must be a finite positive number, got {self.variance_scale}")
+        if self.budget is not None and not (self.budget >= 0 and self.budget < float("inf")):
+            raise FlashInputError(f"budget must be a finite number of steps per sample >= 0, got {self.budget}")
+        if self.budget is not None and self.force_step is not None:
+            raise FlashInputError("budget and force_step exclude each other: give one of them")
         if self.start_mode not in ("noise_correction", "snr_matched"):
             raise FlashInputError(f"start_mode must be 'noise_correction' or 'snr_matched', got {self.start_mode!r}")
 
@@ -158,6 +167,10 @@ class FlashSolver:
         variance = est.variance * cfg.variance_scale  # exact for v = 1
         if cfg.force_step is not None:  # σ̂² is still validated, by start_latent below
             step = torch.full((y.shape[0],), cfg.force_step, dtype=torch.long, device=y.device)
+        elif cfg.budget is not None:
+            hopeless = (cfg.noise_correction * variance >= 1.0) if cfg.start_mode == "noise_correction" else None
+            step = allocate_steps(sched, variance, cfg.budget, min_step=cfg.min_step, max_step=cfg.max_step,
+                                  fixed=hopeless).to(y.device)
         else:
             step = select_start_step(sched, variance, min_step=cfg.min_step, max_step=cfg.max_step).to(y.device)
         eps = randn_per_sample(est.latent.shape, generator, device=y.device, dtype=y.dtype)

@@ -67,6 +67,59 @@ def select_start_step(
     return k.clamp(min_step, max_step)
 
 
+def allocate_steps(
+    schedule: NoiseSchedule,
+    variance: torch.Tensor,
+    budget: float,
+    *,
+    min_step: int = 0,
+    max_step: int | None = None,
+    fixed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Start steps whose mean is the ``budget`` (steps per sample), ordered like ``σ̂²``.
+
+    The steps are ``k*(α σ̂²)`` of `select_start_step` with the one factor ``α`` that brings their
+    sum closest to ``round(budget · B)`` from above, then single steps are taken from the samples
+    with the smallest ``σ̂²`` until the sum is exact: a larger ``σ̂²`` never gets fewer steps, and
+    the mean is exactly ``round(budget · B) / B``. Samples marked in ``fixed`` start at ``N`` and
+    count against the budget (the estimates that carry no signal). For a whole dataset, pass all
+    its ``σ̂²`` at once. For a solver with one denoiser call per step, steps are NFE.
+    """
+    v = check_variance(variance).to(torch.float64)
+    n = schedule.num_steps
+    max_step = n if max_step is None else max_step
+    b = v.shape[0]
+    if not (budget >= 0 and budget < float("inf")):
+        raise FlashInputError(f"the budget must be a finite number of steps per sample >= 0, got {budget}")
+    fixed = torch.zeros(b, dtype=torch.bool) if fixed is None else fixed.to(torch.bool).cpu()
+    free = (~fixed).nonzero().flatten()
+    total = round(budget * b) - n * int(fixed.sum())
+    if not min_step * len(free) <= total <= max_step * len(free):
+        raise FlashInputError(
+            f"a budget of {budget} steps per sample is out of reach for {b} samples: it must lie between "
+            f"min_step = {min_step} and max_step = {max_step} (N = {n})"
+            + (f", with {int(fixed.sum())} sample(s) held at N" if bool(fixed.any()) else "")
+        )
+    steps = torch.full((b,), n, dtype=torch.long)
+    if len(free):
+        vf = v.cpu()[free]
+        lo, hi = -60.0, 60.0  # log α: the search covers every step from 1 to N
+        for _ in range(80):
+            mid = 0.5 * (lo + hi)
+            if int(select_start_step(schedule, vf * torch.exp(torch.tensor(mid)), min_step=min_step, max_step=max_step).sum()) < total:
+                lo = mid
+            else:
+                hi = mid
+        k = select_start_step(schedule, vf * torch.exp(torch.tensor(hi)), min_step=min_step, max_step=max_step)
+        order = torch.argsort(vf, stable=True)
+        ks = k[order]
+        for _ in range(int(ks.sum()) - total):  # the lowest σ̂² above min_step gives a step: order is kept
+            ks[int((ks > min_step).nonzero()[0])] -= 1
+        k[order] = ks
+        steps[free] = k
+    return steps.to(variance.device)
+
+
 def start_latent(
     latent: torch.Tensor,
     variance: torch.Tensor,

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flash_plugin.errors import FlashInputError, SeverityError, StartStepError
-from flash_plugin.schedule import select_start_step, start_latent
+from flash_plugin.schedule import allocate_steps, select_start_step, start_latent
 from flash_plugin.solvers.base import train_timesteps
 from flash_plugin.types import NoiseSchedule
 
@@ -130,3 +130,59 @@ def test_schedule_validates_steps():
         s.check_steps(torch.tensor([-1]))
     with pytest.raises(StartStepError, match="integers"):
         s.check_steps(torch.tensor([1.0]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(1e-4, 2.0), min_size=1, max_size=40),
+    st.floats(0.0, 1.0),
+    st.sampled_from([20, 100, 1000]),
+)
+def test_allocate_steps_meets_the_budget_exactly_and_keeps_the_order(variances, fraction, n):
+    sched = NoiseSchedule.from_train_alphas(torch.from_numpy(ldm_alphas_numpy()), train_timesteps(1000, n))
+    v = torch.tensor(variances, dtype=torch.float64)
+    budget = fraction * n
+    k = allocate_steps(sched, v, budget)
+    assert int(k.sum()) == round(budget * len(v))  # the mean is the budget (to 1/B)
+    assert int(k.min()) >= 0 and int(k.max()) <= n
+    order = torch.argsort(v, stable=True)
+    assert bool((k[order][1:] >= k[order][:-1]).all())  # a larger σ̂² never gets fewer steps
+
+
+def test_allocate_steps_bounds_fixed_samples_and_errors():
+    sched = NoiseSchedule.from_train_alphas(torch.from_numpy(ldm_alphas_numpy()), train_timesteps(1000, 100))
+    v = torch.tensor([0.01, 0.1, 0.3, 0.02])
+    k = allocate_steps(sched, v, 30, min_step=10, max_step=60)
+    assert int(k.sum()) == 120 and int(k.min()) >= 10 and int(k.max()) <= 60
+    fixed = torch.tensor([False, False, True, False])
+    k = allocate_steps(sched, v, 40, fixed=fixed)
+    assert int(k[2]) == 100 and int(k.sum()) == 160
+    with pytest.raises(FlashInputError, match="out of reach"):
+        allocate_steps(sched, v, 70, max_step=60)
+    with pytest.raises(FlashInputError, match="out of reach"):
+        allocate_steps(sched, v, 10, fixed=fixed)  # 100 of the 40 steps go to the held sample alone
+    with pytest.raises(FlashInputError, match="budget"):
+        allocate_steps(sched, v, float("nan"))
+
+
+def test_flash_budget_mode_spends_the_budget():
+    from flash_plugin import FlashConfig, flash
+    from flash_plugin.models.gaussian_oracle import GaussianOracle
+    from flash_plugin.solvers import Sampler
+    from flash_plugin.types import SeverityEstimate
+
+    class Fixed:
+        metadata: dict = {}
+
+        def estimate(self, y):
+            return SeverityEstimate(y.clone(), torch.tensor([0.02, 0.5, 0.1, 0.05], dtype=torch.float64))
+
+    oracle = GaussianOracle(torch.zeros(1, 2, 2), torch.ones(1, 2, 2))
+    y = torch.zeros(4, 1, 2, 2)
+    sol = flash(Sampler(oracle, num_steps=100), Fixed(), FlashConfig(budget=25.0))(y, None)
+    assert int(sol.nfe.sum()) == 100 and sol.nfe.tolist() == sol.start_step.tolist()
+    assert sol.start_step[1] == sol.start_step.max() and sol.start_step[0] == sol.start_step.min()
+    with pytest.raises(FlashInputError, match="exclude each other"):
+        FlashConfig(budget=10, force_step=5)
+    with pytest.raises(FlashInputError, match="budget"):
+        FlashConfig(budget=-1)
