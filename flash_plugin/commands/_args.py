@@ -139,17 +139,25 @@ def check_threads(name: str, threads: Any) -> int | None:
 def check_solver(name: str, solver: str) -> str:
     """A solver name that some plugin registered (the built-ins included); else the registry's
     error, which lists the registered names."""
+    from flash_plugin.errors import UnknownPluginNameError
     from flash_plugin.registry import get_solver
 
-    get_solver(solver)
+    try:
+        get_solver(solver)
+    except UnknownPluginNameError as exc:
+        raise UnknownPluginNameError(f"{name}: {exc}") from None
     return solver
 
 
 def check_preset(name: str, task: str):
     """The task preset registered as ``task`` (a built-in preset or one a plugin registers)."""
+    from flash_plugin.errors import UnknownPluginNameError
     from flash_plugin.registry import get_operator
 
-    obj = get_operator(task)
+    try:
+        obj = get_operator(task)
+    except UnknownPluginNameError as exc:
+        raise UnknownPluginNameError(f"{name}: {exc}") from None
     if not all(callable(getattr(obj, a, None)) for a in ("make", "sample_severity")):
         raise FlashInputError(f"{name} {task!r} is an operator family, not a task preset (a preset has a severity range); "
                               "use one of the presets, e.g. gblur-varying")
