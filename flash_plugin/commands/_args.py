@@ -136,28 +136,27 @@ def check_threads(name: str, threads: Any) -> int | None:
     return check_int(name, threads, minimum=1)
 
 
-def check_solver(name: str, solver: str) -> str:
-    """A solver name that some plugin registered (the built-ins included); else the registry's
-    error, which lists the registered names."""
+def check_registered(name: str, kind: str, value: str) -> Any:
+    """What a plugin (the built-ins included) registered as ``value`` in registry ``kind``; else
+    the registry's error, which lists the registered names, prefixed with the option."""
     from flash_plugin.errors import UnknownPluginNameError
-    from flash_plugin.registry import get_solver
+    from flash_plugin.registry import get_registration
 
     try:
-        get_solver(solver)
+        return get_registration(kind, value).factory
     except UnknownPluginNameError as exc:
         raise UnknownPluginNameError(f"{name}: {exc}") from None
+
+
+def check_solver(name: str, solver: str) -> str:
+    """A registered solver name."""
+    check_registered(name, "solvers", solver)
     return solver
 
 
 def check_preset(name: str, task: str):
     """The task preset registered as ``task`` (a built-in preset or one a plugin registers)."""
-    from flash_plugin.errors import UnknownPluginNameError
-    from flash_plugin.registry import get_operator
-
-    try:
-        obj = get_operator(task)
-    except UnknownPluginNameError as exc:
-        raise UnknownPluginNameError(f"{name}: {exc}") from None
+    obj = check_registered(name, "operators", task)
     if not all(callable(getattr(obj, a, None)) for a in ("make", "sample_severity")):
         raise FlashInputError(f"{name} {task!r} is an operator family, not a task preset (a preset has a severity range); "
                               "use one of the presets, e.g. gblur-varying")
