@@ -20,9 +20,10 @@ default, or directories written by save_pretrained (--model, --estimator).
 Writes to --out: DIR/NAME.png per reconstruction, DIR/measurements/NAME.png, and DIR/results.json
 with per image the start step k*, the NFE, the estimated σ̂², the wall time (its batch's time
 divided by the batch's images) and its seed. Every image has its own seeds (from --seed and the
-image's name), so its result does not depend on the batch it lands in. The JSON and the PNGs
-are written atomically after every batch: a run that is killed keeps every finished batch, and
-running the same command again skips the images already done.
+image's name), so its result does not depend on the batch it lands in (up to float rounding,
+a grey level in rare pixels). The JSON and the PNGs are written atomically after every batch: a
+run that is killed keeps every finished batch, and running the same command again skips the
+images already done and solves the same batches as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -337,8 +338,11 @@ def run(args: argparse.Namespace) -> int:
 
         bar = tqdm(total=len(names), initial=len(names) - len(todo), desc="reconstruct", unit="image")
     t_start = time.perf_counter()
-    for start in range(0, len(todo), args.batch_size):
-        batch = todo[start : start + args.batch_size]
+    # Batches are cut from the whole input list, not from the images left: a run resumed with the
+    # same --batch-size solves the very batches the uninterrupted run would, bit for bit.
+    pending = set(todo)
+    batches = [[i for i in range(s, min(s + args.batch_size, len(names))) if i in pending] for s in range(0, len(names), args.batch_size)]
+    for batch in (b for b in batches if b):
         bnames = [names[i] for i in batch]
         t0 = time.perf_counter()
         solve_gens = [torch.Generator().manual_seed(image_seed(args.seed, n, "solve")) for n in bnames]
