@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from flash_plugin.bench.figures import reconstruction_figure, severity_scatter
     from flash_plugin.bench.reconstruct import ENCODER_FOR_TASK, TaskRun, run_task
     from flash_plugin.models import load_default_model, load_test_images
-    from flash_plugin.operators import get_preset
+    from flash_plugin.registry import get_operator
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     for j, task in enumerate(tasks):
         t0 = time.perf_counter()
         clean = images[j * n : (j + 1) * n]
-        flash_runs.append(run_task(task, model_set, clean, severities_for(get_preset(task), n).to(args.device),
+        flash_runs.append(run_task(task, model_set, clean, severities_for(get_operator(task), n).to(args.device),
                                    solver_name=args.solver, methods=("flash", "ae"), seed=args.seed, solver_overrides=overrides))
         _args.stage("demo", f"Flash on {task}: {n} image(s) in {time.perf_counter() - t0:.1f} s")
     rows = []
@@ -146,7 +146,9 @@ def run(args: argparse.Namespace) -> int:
     subset = baseline_subset(n, k) if k else []
     base_runs: list[TaskRun] = []
     if subset:
-        steps = "its" if args.num_steps is None else f"{args.num_steps}"
+        from flash_plugin.bench.reconstruct import build_solver
+
+        steps = build_solver(args.solver, model_set.latent_diffusion, tasks[0], overrides=overrides)[0].schedule.num_steps
         print(f"\n{solver_label} from noise ({steps} steps) on {len(subset)} image(s) per task, next to Flash on the same images"
               f"{'' if args.full or k == n else ' (--full: all images)'}:", flush=True)
     for j, task in enumerate(tasks):
@@ -155,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         idx = torch.tensor(subset)
         clean = images[j * n : (j + 1) * n][idx.to(images.device)]
-        sev = severities_for(get_preset(task), n).to(args.device)[idx.to(args.device)]
+        sev = severities_for(get_operator(task), n).to(args.device)[idx.to(args.device)]
         base_runs.append(run_task(task, model_set, clean, sev, solver_name=args.solver, methods=("baseline", "flash"),
                                   seed=args.seed, solver_overrides=overrides, progress=bars, image_index=subset))
         _args.stage("demo", f"{solver_label} from noise on {task}: {len(subset)} image(s) in {time.perf_counter() - t0:.1f} s")
