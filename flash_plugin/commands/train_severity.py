@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-channels", type=int, default=64, help="channels of the variance head (default 64)")
     p.add_argument("--patience", type=int, default=10, help="epochs without improvement before stopping (0: never)")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-time budget of this run (stops cleanly, resumable)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (default: no limit)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (default: no limit; 0 trains nothing)")
     p.add_argument("--log-every", type=int, default=50, help="log every N steps (default 50)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -124,7 +124,7 @@ def validate(args: argparse.Namespace) -> None:
     check("--batch-size", args.batch_size, minimum=1)
     check("--head-channels", args.head_channels, minimum=1)
     check("--patience", args.patience, minimum=0)
-    check("--max-steps", args.max_steps, minimum=1)
+    check("--max-steps", args.max_steps, minimum=0)  # 0: no training step, e.g. to export an --init-from encoder
     check("--log-every", args.log_every, minimum=1)
     _args.check_float("--lr", args.lr, minimum=0, strict_minimum=True)
     _args.check_float("--head-lr", args.head_lr, minimum=0, strict_minimum=True)
