@@ -110,6 +110,8 @@ CASES = [
     ("reconstruct {tmp}/y.npy --operator kernel-wizard",
      "--operator kernel-wizard has no tuned settings; give --tuned-for PRESET (the preset whose solver settings and bundled estimator fit it)"),
     ("reconstruct {tmp}/y.npy --operator gaussian-blur --operator-arg std", "--operator-arg 'std': expected NAME=VALUE, e.g. zeta=1.0"),
+    ("reconstruct {tmp}/pngs --solver-arg gamma_rs=5",
+     "--solver-arg 'gamma_rs=5': expected NAME=VALUE with NAME one of ['zeta'] for latent-dps on gblur-varying"),
     ("reconstruct {tmp}/pngs --batch-size 0", "--batch-size must be a positive integer, got 0"),
     ("reconstruct {tmp}/pngs --solver nope", "--solver: unknown solver name 'nope'; registered solvers: gml-dps, latent-dps, psld, resample, sampler"),
     ("reconstruct {tmp}/pngs --model {tmp}/nowhere", "--model {tmp}/nowhere: no such directory"),

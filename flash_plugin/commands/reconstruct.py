@@ -243,7 +243,9 @@ def validate(args: argparse.Namespace) -> dict:
     if Path(args.out).resolve() == src.resolve():
         raise FlashInputError("--out must not be the input folder")
     _args.check_solver("--solver", args.solver)
-    solver_params = _args.parse_name_values("--solver-arg", args.solver_arg)
+    from flash_plugin.commands.bench import parse_solver_args
+
+    solver_params = parse_solver_args(args.solver_arg, args.solver, tuned_for)
     if args.estimator is not None and ("/" in args.estimator or Path(args.estimator).exists()):
         _args.check_dir("--estimator", args.estimator)
     return {
