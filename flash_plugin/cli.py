@@ -25,6 +25,7 @@ from flash_plugin.errors import FlashError
 SUBCOMMAND_MODULES: list[str] = [
     "flash_plugin.commands.demo",
     "flash_plugin.commands.bench",
+    "flash_plugin.commands.reconstruct",
     "flash_plugin.commands.train_severity",
     "flash_plugin.commands.eval_severity",
     "flash_plugin.commands.check",

@@ -20,27 +20,35 @@ def _img(x: torch.Tensor):
     return ((x.detach().cpu().float().clamp(-1, 1) + 1) / 2)[0].numpy()
 
 
-def reconstruction_figure(runs, path: str | Path) -> None:
-    """Columns: images of all tasks; rows: clean / measurement / baseline / Flash (/ AE-only)."""
+def reconstruction_figure(runs, path: str | Path, *, baseline_name: str = "Latent-DPS") -> None:
+    """Columns: images of all tasks; rows: clean / measurement / baseline / Flash (/ AE-only).
+
+    A method that did not run on an image (the demo runs the baseline on a subset) leaves its
+    panel blank with the note "not run"."""
     plt = _plt()
     cols = [(r, i) for r in runs for i in range(len(r.clean))]
-    methods = [m for m in ("baseline", "flash", "ae") if runs and runs[0].by_method(m)]
+    methods = [m for m in ("baseline", "flash", "ae") if any(r.by_method(m) for r in runs)]
     rows = ["clean", "measurement", *methods]
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.6 * len(cols) + 1, 1.75 * len(rows)), squeeze=False)
-    names = {"baseline": "Latent-DPS", "flash": "Flash", "ae": "AE-only"}
+    names = {"baseline": baseline_name, "flash": "Flash", "ae": "AE-only"}
     for c, (r, i) in enumerate(cols):
-        recs = {m: r.by_method(m)[i] for m in methods}
+        image = r.image_ids[i] if getattr(r, "image_ids", None) is not None else i
+        recs = {m: next((x for x in r.by_method(m) if x.image == image), None) for m in methods}
         panels = [("clean", r.clean[i], f"{r.task}\nt={float(r.severities[i]):.2f}"),
                   ("measurement", r.measurement[i], "")]
         for m in methods:
             rec = recs[m]
+            if rec is None:
+                panels.append((m, None, "not run"))
+                continue
             label = f"{rec.psnr:.1f} dB, NFE {rec.nfe}"
             if m == "flash":
                 label = f"{rec.psnr:.1f} dB\nσ̂²={rec.sigma2:.3f} k*={rec.start_step}"
             panels.append((m, rec.x, label))
         for rr, (_, img, title) in enumerate(panels):
             ax = axes[rr, c]
-            ax.imshow(_img(img), cmap="gray", vmin=0, vmax=1)
+            if img is not None:
+                ax.imshow(_img(img), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             if title:

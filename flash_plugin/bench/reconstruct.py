@@ -1,4 +1,4 @@
-"""Reconstruction runs shared by ``flash-plugin demo`` and ``flash-plugin bench``.
+"""Reconstruction runs shared by ``flash-plugin demo``, ``bench`` and ``reconstruct``.
 
 For one task preset and a set of clean images, `run_task` degrades every image at its own
 severity (per-image seeds for masks, kernels and noise), then reconstructs with
@@ -9,15 +9,24 @@ severity (per-image seeds for masks, kernels and noise), then reconstructs with
 
 and returns one `Record` per (image, method) with PSNR, SSIM, NFE, start step, ``σ̂²`` and the
 reconstruction. Wall time is measured per method for the whole batch.
+
+`build_solver` resolves a solver name through the plugin registry, so that a solver a plugin
+registers runs wherever the reference solvers do: a reference solver gets the tuned settings of
+`flash_plugin.solvers.hparams` for the task, any other is built as ``factory(model, **arguments)``
+with the default `FlashConfig`.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
+from flash_plugin.errors import FlashInputError
 from flash_plugin.flash import FlashConfig, flash
 from flash_plugin.metrics import psnr, ssim
 
@@ -52,21 +61,62 @@ class TaskRun:
     severities: torch.Tensor
     records: list[Record]
     wall_s: dict[str, float]
+    image_ids: list[int] | None = None  # the images' indices (their seeds); None: 0..B-1
 
     def by_method(self, method: str) -> list[Record]:
         return [r for r in self.records if r.method == method]
 
 
-def image_generators(seed: int, n: int, offset: int = 0) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(seed * 100_003 + offset + i) for i in range(n)]
+def image_generators(seed: int, n: int, offset: int = 0, index: Sequence[int] | None = None) -> list[torch.Generator]:
+    """One generator per image, seeded from ``seed`` and the image's index (``0..n-1`` unless
+    ``index`` gives them), so an image gets the same draws in any batch."""
+    index = range(n) if index is None else index
+    return [torch.Generator().manual_seed(seed * 100_003 + offset + int(i)) for i in index]
 
 
-def degrade(preset, clean: torch.Tensor, severities: torch.Tensor, seed: int):
+def degrade(preset, clean: torch.Tensor, severities: torch.Tensor, seed: int, index: Sequence[int] | None = None):
     """Per-image operator parameters and noise from per-image generators (reproducible per image,
     independent of the batch it is in)."""
-    gens = image_generators(seed, len(clean))
+    gens = image_generators(seed, len(clean), index=index)
     operator = preset.make(severities, generator=gens)
     return operator, operator.measure(clean, generator=gens)
+
+
+def _accepts(factory: Any, name: str) -> bool:
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def build_solver(name: str, model: Any, task: str, *, overrides: dict | None = None,
+                 progress: bool = False) -> tuple[Any, FlashConfig, dict]:
+    """``(solver, flash_config, settings)`` for the solver registered as ``name``.
+
+    A reference solver (`flash_plugin.solvers.hparams.SOLVERS`) gets the tuned table entry of
+    ``task`` with ``overrides`` on top; any other registered factory is called as
+    ``factory(model, **overrides)`` (plus ``progress`` if it takes it) and runs with the default
+    `FlashConfig`. ``settings`` is what the solver was built with, for the records.
+    """
+    from flash_plugin.registry import adapt_solver, get_solver
+    from flash_plugin.solvers.hparams import SOLVERS, get_hparams, make_solver
+
+    overrides = dict(overrides or {})
+    factory = get_solver(name)
+    if SOLVERS.get(name) is factory:
+        hp = get_hparams(name, task)
+        solver = make_solver(name, model, task=task, progress=progress, **overrides)
+        settings = {**asdict(hp), **{k: v for k, v in overrides.items() if k != "num_steps"}}
+        return solver, FlashConfig(**hp.flash_kwargs()), settings
+    kwargs = dict(overrides)
+    if progress and _accepts(factory, "progress"):
+        kwargs["progress"] = True
+    for key in overrides:
+        if not _accepts(factory, key):
+            raise FlashInputError(f"solver {name!r} takes no argument {key!r} (its factory is {factory!r})")
+    solver = adapt_solver(factory(model, **kwargs))
+    return solver, FlashConfig(), {k: v for k, v in overrides.items() if k != "num_steps"}
 
 
 def run_task(
@@ -81,18 +131,25 @@ def run_task(
     solver_overrides: dict | None = None,
     flash_config: FlashConfig | None = None,
     progress: bool = False,
+    image_index: Sequence[int] | None = None,
 ) -> TaskRun:
-    from flash_plugin.operators import get_preset
-    from flash_plugin.solvers import make_solver
-    from flash_plugin.solvers.hparams import get_hparams
+    """Degrade ``clean`` with the preset ``task`` and reconstruct it with each of ``methods``.
 
-    preset = get_preset(task)
+    ``image_index`` numbers the images for their seeds (default ``0..B-1``): a subset run with
+    the images' own indices sees the same measurements and noise as the full run.
+    """
+    from flash_plugin.registry import get_operator
+
+    preset = get_operator(task)
     model = model_set.latent_diffusion
-    operator, y = degrade(preset, clean, severities, seed)
-    solver = make_solver(solver_name, model, task=task, progress=progress, **(solver_overrides or {}))
-    encoder = model_set.severity_encoder(ENCODER_FOR_TASK[task])
+    index = list(range(len(clean))) if image_index is None else [int(i) for i in image_index]
+    operator, y = degrade(preset, clean, severities, seed, index)
+    solver, tuned_config, _ = build_solver(solver_name, model, task, overrides=solver_overrides, progress=progress)
+    if task not in ENCODER_FOR_TASK and ("flash" in methods or "ae" in methods):
+        raise FlashInputError(f"no bundled severity encoder for task {task!r}; bundled: {', '.join(sorted(set(ENCODER_FOR_TASK.values())))}")
+    encoder = model_set.severity_encoder(ENCODER_FOR_TASK[task]) if task in ENCODER_FOR_TASK else None
     if flash_config is None:
-        flash_config = FlashConfig(**get_hparams(solver_name, task).flash_kwargs())
+        flash_config = tuned_config
     records: list[Record] = []
     wall: dict[str, float] = {}
     est = None
@@ -100,17 +157,17 @@ def run_task(
     def add(method, x, nfe, start, sigma2):
         p, s = psnr(x, clean), ssim(x, clean)
         for i in range(len(clean)):
-            records.append(Record(task, method, i, float(severities[i]), float(p[i]), float(s[i]), int(nfe[i]), int(start[i]),
+            records.append(Record(task, method, index[i], float(severities[i]), float(p[i]), float(s[i]), int(nfe[i]), int(start[i]),
                                   None if sigma2 is None else float(sigma2[i]), x[i].detach().cpu()))
 
     for method in methods:
         t0 = time.perf_counter()
         if method == "baseline":
-            sol = solver.solve(y, operator, generator=image_generators(seed, len(clean), offset=50_000))
+            sol = solver.solve(y, operator, generator=image_generators(seed, len(clean), offset=50_000, index=index))
             wall[method] = time.perf_counter() - t0
             add(method, sol.x, sol.nfe, sol.start_step, None)
         elif method == "flash":
-            sol = flash(solver, encoder, flash_config)(y, operator, generator=image_generators(seed, len(clean), offset=50_000))
+            sol = flash(solver, encoder, flash_config)(y, operator, generator=image_generators(seed, len(clean), offset=50_000, index=index))
             wall[method] = time.perf_counter() - t0
             add(method, sol.x, sol.nfe, sol.start_step, sol.severity)
         elif method == "ae":
@@ -122,4 +179,4 @@ def run_task(
             add(method, x, zeros, zeros, est.variance)
         else:
             raise ValueError(f"unknown method {method!r}; use baseline, flash or ae")
-    return TaskRun(task, clean, y, severities, records, wall)
+    return TaskRun(task, clean, y, severities, records, wall, index)

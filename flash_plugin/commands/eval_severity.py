@@ -18,11 +18,13 @@ import json
 import sys
 from pathlib import Path
 
+from flash_plugin.commands import _args
+
 HELP = "evaluate a severity encoder: Spearman, ordering accuracy, calibration, start steps, scatter plot"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("eval-severity", help=HELP, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("eval-severity", help=HELP, description=_args.plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoder", required=True, help="severity encoder directory (save_pretrained output)")
     p.add_argument("--model", default=None, help="LatentDiffusion directory (default: the bundled fashion-mnist-32)")
     p.add_argument("--operator", default=None, help="task preset (default: the one the encoder was trained for)")
@@ -31,10 +33,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--n-images", type=int, default=1000, help="first N test images")
     p.add_argument("--n-ordering", type=int, default=100, help="images for the ordering accuracy (x10 measurements)")
     p.add_argument("--num-steps", type=int, default=None, help="solver steps N for k* (default: all train timesteps)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=128, help="images per encoder call (default 128)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the severities and measurements (default 1)")
     p.add_argument("--out", default=None, help="directory for report.json and severity_scatter.png (default: print only)")
     p.add_argument("--write-metrics", action="store_true", help="store the numbers in the encoder's config (metrics.test)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -42,7 +44,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def validate(args: argparse.Namespace) -> None:
+    """Check every argument before the model, the encoder and the data are loaded."""
+    _args.check_dir("--encoder", args.encoder)
+    _args.check_dir("--model", args.model)
+    _args.check_data_dir("--data", args.data)
+    _args.check_int("--n-images", args.n_images, minimum=2, hint=" (Spearman and calibration need two images)")
+    _args.check_int("--n-ordering", args.n_ordering, minimum=1)
+    _args.check_int("--num-steps", args.num_steps, minimum=1)
+    _args.check_int("--batch-size", args.batch_size, minimum=1)
+    _args.check_threads("--threads", args.threads)
+    _args.check_device("--device", args.device)
+    _args.check_float("--noise-std", args.noise_std, minimum=0)
+    if args.out is not None:
+        _args.check_out_dir("--out", args.out)
+    if args.operator is not None:
+        _args.check_preset("--operator", args.operator)
+
+
 def run(args: argparse.Namespace) -> int:
+    validate(args)
+
     import torch
 
     from flash_plugin.commands.train_severity import default_model_dir, load_preset

@@ -25,6 +25,9 @@ import os
 import sys
 from pathlib import Path
 
+from flash_plugin.commands import _args
+from flash_plugin.errors import FlashInputError
+
 HELP = "train a severity encoder (ẑ, σ̂²) for a latent diffusion model and an operator family"
 
 
@@ -43,28 +46,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--val-size", type=int, default=512, help="validation images (the last of the test split)")
     p.add_argument("--eval-size", type=int, default=1000, help="evaluation images (the first of the test split; 0: skip)")
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=100, help="maximum number of epochs (default 100)")
     p.add_argument("--steps-per-epoch", type=int, default=None, help="default: one pass over the training images")
     p.add_argument("--batch-size", type=int, default=32, help="global batch (over all DDP processes)")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
     p.add_argument("--head-lr", type=float, default=None, help="learning rate of the variance head (default: --lr)")
-    p.add_argument("--lambda-sigma", type=float, default=1.0)
-    p.add_argument("--lambda-img", type=float, default=1.0)
-    p.add_argument("--variance-loss", default="log", choices=("log", "relative", "official"))
+    p.add_argument("--lambda-sigma", type=float, default=1.0, help="weight of the variance loss (default 1)")
+    p.add_argument("--lambda-img", type=float, default=1.0, help="weight of the decoded-image loss (default 1)")
+    p.add_argument("--variance-loss", default="log", choices=("log", "relative", "official"),
+                   help="form of the variance loss (default log)")
     p.add_argument("--no-detach-target-variance", dest="detach_target_variance", action="store_false",
                    help="let the variance term back-propagate through σ̄² (the official code)")
     p.add_argument("--detach-head-features", action="store_true",
                    help="the variance head does not back-propagate into the shared encoder trunk")
-    p.add_argument("--grad-clip", type=float, default=None)
-    p.add_argument("--head-channels", type=int, default=64)
+    p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this value (default: no clipping)")
+    p.add_argument("--head-channels", type=int, default=64, help="channels of the variance head (default 64)")
     p.add_argument("--patience", type=int, default=10, help="epochs without improvement before stopping (0: never)")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-time budget of this run (stops cleanly, resumable)")
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (default: no limit; 0 trains nothing)")
+    p.add_argument("--log-every", type=int, default=50, help="log every N steps (default 50)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="runs/severity", help="output directory")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order, severities and noise (default 0)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/state.safetensors")
     p.add_argument("--init-from", default=None,
                    help="start from this trained encoder (same latent space; e.g. one trained for a narrower severity range) "
@@ -74,7 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("train-severity", help=HELP, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("train-severity", help=HELP, description=_args.plain(__doc__),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run)
     return p
@@ -108,7 +113,42 @@ def load_images(data: str | None, model, *, train_limit: int | None, val_size: i
     return train, test[len(test) - val_size :], test[:eval_size]
 
 
+def validate(args: argparse.Namespace) -> None:
+    """Check every argument before the model and the data are loaded."""
+    check = _args.check_int
+    check("--train-limit", args.train_limit, minimum=1)
+    check("--val-size", args.val_size, minimum=1, hint=" (the best encoder is chosen on the validation images)")
+    check("--eval-size", args.eval_size, minimum=0)
+    check("--epochs", args.epochs, minimum=1)
+    check("--steps-per-epoch", args.steps_per_epoch, minimum=1)
+    check("--batch-size", args.batch_size, minimum=1)
+    check("--head-channels", args.head_channels, minimum=1)
+    check("--patience", args.patience, minimum=0)
+    check("--max-steps", args.max_steps, minimum=0)  # 0: no training step, e.g. to export an --init-from encoder
+    check("--log-every", args.log_every, minimum=1)
+    _args.check_float("--lr", args.lr, minimum=0, strict_minimum=True)
+    _args.check_float("--head-lr", args.head_lr, minimum=0, strict_minimum=True)
+    _args.check_float("--lambda-sigma", args.lambda_sigma, minimum=0)
+    _args.check_float("--lambda-img", args.lambda_img, minimum=0)
+    _args.check_float("--grad-clip", args.grad_clip, minimum=0, strict_minimum=True)
+    _args.check_float("--max-minutes", args.max_minutes, minimum=0, strict_minimum=True)
+    _args.check_float("--noise-std", args.noise_std, minimum=0)
+    _args.check_threads("--threads", args.threads)
+    _args.check_device("--device", args.device)
+    _args.check_dir("--model", args.model)
+    _args.check_data_dir("--data", args.data)
+    _args.check_dir("--init-from", args.init_from)
+    _args.check_out_dir("--out", args.out)
+    if args.export is not None:
+        _args.check_out_dir("--export", args.export)
+    if args.resume and not (Path(args.out) / "state.safetensors").is_file():
+        raise FlashInputError(f"--resume: {Path(args.out) / 'state.safetensors'} does not exist (nothing to resume; drop --resume)")
+    _args.check_preset("--operator", args.operator)
+
+
 def run(args: argparse.Namespace) -> int:
+    validate(args)
+
     import torch
 
     from flash_plugin.models.latent_diffusion import LatentDiffusion
