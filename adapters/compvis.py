@@ -180,15 +180,19 @@ def sample_seeds(generator: GeneratorLike, batch: int) -> list[int | None]:
 
 
 @contextlib.contextmanager
-def seeded_global_rng(seed: int | None, device: torch.device) -> Iterator[None]:
-    """Run with torch's global RNG seeded with ``seed`` and restore the caller's state afterwards;
-    ``seed=None`` leaves the global RNG alone (the caller asked for it)."""
-    if seed is None:
+def seeded_global_rng(seed: int | None, device: torch.device, state: torch.Tensor | None = None) -> Iterator[None]:
+    """Run with torch's global RNG seeded with ``seed`` (or set to the CPU ``state``) and restore
+    the caller's state afterwards; ``seed=None`` without a state leaves the global RNG alone (the
+    caller asked for it)."""
+    if seed is None and state is None:
         yield
         return
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        if state is not None:
+            torch.set_rng_state(state)
+        else:
+            torch.manual_seed(seed)
         yield
 
 
@@ -399,9 +403,10 @@ class CompVisAdapter:
             raise FlashInputError(f"the operator must have forward(x); got {type(operator).__name__}")
 
     def run_upstream(self, y: torch.Tensor, operator: Any, x_T: torch.Tensor | None, k: int,
-                     trajectory: bool) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """One sample (batch 1) from level ``k ≥ 1``; returns the final latent (and the latents at
-        levels ``k, ..., 0`` when ``trajectory``)."""
+                     trajectory: bool, callback: Any) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """One sample (batch 1) from level ``k ≥ 1``; returns the final latent and, when
+        ``trajectory``, the upstream's ``x_inter`` list (its last ``k + 1`` entries are the latents
+        at levels ``k, ..., 0``). ``callback`` goes to the upstream's ``callback(i)``."""
         raise NotImplementedError
 
     def extra_nfe(self) -> int:
@@ -409,15 +414,20 @@ class CompVisAdapter:
         return 0
 
     def solve(self, y: torch.Tensor, operator: Any, *, start: StartPoint | None = None, generator: GeneratorLike = None,
-              trajectory: bool = False) -> Solution:
-        """Solve per sample with the upstream; ``trajectory=True`` stores each sample's latents at
-        levels ``k_i..0`` in ``extras["trajectory"]`` (a list; for exact-resume checks)."""
+              trajectory: bool = False, rng_state: Sequence[torch.Tensor] | None = None) -> Solution:
+        """Solve per sample with the upstream (the `Solver` protocol).
+
+        Two extras serve exact-resume checks: ``trajectory=True`` stores each sample's latents at
+        levels ``k_i, ..., 0`` (``extras["trajectory"][i]``, a tensor ``[k_i + 1, ...]``) and the
+        global CPU RNG state the upstream had at each of those levels (``extras["rng_states"][i]``);
+        ``rng_state`` (one state per sample) replays such a state instead of seeding from the
+        generator, so a solve from a recorded level reproduces the tail of the recorded run."""
         if torch.is_inference_mode_enabled():
             with torch.inference_mode(False):
                 if start is not None:
                     start = StartPoint(step=start.step.clone(), latent=start.latent.clone())
                 return self.solve(y.clone() if isinstance(y, torch.Tensor) else y, operator, start=start,
-                                  generator=generator, trajectory=trajectory)
+                                  generator=generator, trajectory=trajectory, rng_state=rng_state)
         if not isinstance(y, torch.Tensor) or not y.dtype.is_floating_point or y.ndim < 2:
             raise FlashInputError(f"y must be a batched floating-point tensor, got {type(y).__name__} {tuple(getattr(y, 'shape', ()))}")
         if not torch.all(torch.isfinite(y)):
@@ -438,7 +448,9 @@ class CompVisAdapter:
         seeds = sample_seeds(generator, batch)
         from flash_plugin.solvers.base import select_operator
 
-        outs, nfe, dec, enc, trajs = [], [], [], [], []
+        if rng_state is not None and len(rng_state) != batch:
+            raise FlashInputError(f"rng_state needs one state per sample ({batch}), got {len(rng_state)}")
+        outs, nfe, dec, enc, trajs, states = [], [], [], [], [], []
         for i in range(batch):
             k = int(steps[i])
             # per-sample operator; one without select(index) must act alike on every sample
@@ -449,22 +461,30 @@ class CompVisAdapter:
                 outs.append(x_T)
                 nfe.append(0), dec.append(0), enc.append(0)
                 trajs.append(x_T.clone())
+                states.append([torch.get_rng_state()])
                 continue
             self.counter.reset()
-            with seeded_global_rng(seeds[i], device), torch.enable_grad(), quiet(not self.progress):
-                z, traj = self.run_upstream(y_i, op_i, x_T, k, trajectory)
+            rng: list[torch.Tensor] = []
+            record = (lambda _i: rng.append(torch.get_rng_state())) if trajectory else None
+            with seeded_global_rng(seeds[i], device, None if rng_state is None else rng_state[i]), torch.enable_grad(), \
+                    quiet(not self.progress):
+                if trajectory:
+                    rng.append(torch.get_rng_state())
+                z, traj = self.run_upstream(y_i, op_i, x_T, k, trajectory, record)
             outs.append(z.detach())
             nfe.append(self.counter.counts["unet_calls"])
             dec.append(self.counter.counts["decoder_calls"])
             enc.append(self.counter.counts["encoder_calls"])
             if trajectory:
-                trajs.append(torch.cat([t.detach() for t in traj]) if traj is not None else None)
+                trajs.append(torch.cat([t.detach() for t in traj[-(k + 1):]]))
+                states.append(rng[-(k + 1):])
         z = torch.cat(outs).to(y.device)
         with torch.no_grad():
             x = self.decode(z.to(device)).to(y.device)
         extras: dict[str, Any] = {"count_decoder_calls": torch.tensor(dec), "count_encoder_calls": torch.tensor(enc)}
         if trajectory:
             extras["trajectory"] = trajs
+            extras["rng_states"] = states
         return Solution(x=x.detach(), latent=z, nfe=torch.tensor(nfe, dtype=torch.long), start_step=steps.clone(), extras=extras)
 
 

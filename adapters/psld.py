@@ -100,12 +100,12 @@ class PSLDAdapter(CompVisAdapter):
                 "use method='gml-dps' or 'latent-dps', which need only forward(x)."
             )
 
-    def run_upstream(self, y, operator, x_T, k, trajectory):
+    def run_upstream(self, y, operator, x_T, k, trajectory, callback):
         shim = _TransposeShim(operator, adjoint=self.method == "psld")
         z, inter = self.sampler.ddim_sampling(
             None, (1, *self.latent_shape), x_T=x_T, timesteps=self.timesteps_arg(k),
             log_every_t=1 if trajectory else 10**9, measurements=y, operator=shim, gamma=self.gamma,
-            omega=self.omega, general_inverse=True, noiser=_clean,
+            omega=self.omega, general_inverse=True, noiser=_clean, callback=callback,
         )
         return z, (inter["x_inter"] if trajectory else None)
 

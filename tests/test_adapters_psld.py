@@ -53,7 +53,8 @@ def _resume_checks(module, method: str, eta: float, num_steps: int = 20):
     for k in sorted({0, 1, n // 3, n - 1, n}):
         lat = torch.stack([full.extras["trajectory"][i][n - k] for i in range(3)])
         model.reset_calls()
-        res = adapter.solve(y, op, start=StartPoint(torch.full((3,), k), lat), generator=_gens(3))
+        states = [full.extras["rng_states"][i][n - k] for i in range(3)]
+        res = adapter.solve(y, op, start=StartPoint(torch.full((3,), k), lat), rng_state=states)
         times = [int(c[0]) for c in model.calls]
         assert times == adapter.schedule.timesteps[1 : k + 1].flip(0).tolist() * 3
         out[k] = (res.nfe.tolist(), (res.latent - full.latent).abs().max().item())
@@ -71,9 +72,9 @@ def test_double_reproduces_the_cuda_quirk(psld_module):
     assert safe.ddim_alphas.device.type == "cpu"
 
 
-@pytest.mark.parametrize("method", ["psld", "gml-dps", "latent-dps"])
-def test_exactly_k_calls_and_exact_resume(psld_module, method):
-    _, out = _resume_checks(psld_module, method, eta=0.0)
+@pytest.mark.parametrize("method,eta", [("psld", 0.0), ("gml-dps", 0.0), ("latent-dps", 0.0), ("psld", 1.0)])
+def test_exactly_k_calls_and_exact_resume(psld_module, method, eta):
+    _, out = _resume_checks(psld_module, method, eta=eta)
     for k, (nfe, diff) in out.items():
         assert nfe == [k] * 3
         assert diff == 0.0, (k, diff)
@@ -222,9 +223,9 @@ def real_psld():
     forget_upstream(("ldm",))
 
 
-@pytest.mark.parametrize("method", ["psld", "gml-dps", "latent-dps"])
-def test_real_psld_exact_resume(real_psld, method):
-    adapter, out = _resume_checks(real_psld, method, eta=0.0, num_steps=30)
+@pytest.mark.parametrize("method,eta", [("psld", 0.0), ("gml-dps", 0.0), ("latent-dps", 0.0), ("psld", 1.0)])
+def test_real_psld_exact_resume(real_psld, method, eta):
+    adapter, out = _resume_checks(real_psld, method, eta=eta, num_steps=50)
     print(f"PSLD {method}: N={adapter.schedule.num_steps}", {k: v for k, v in out.items()})
     for k, (nfe, diff) in out.items():
         assert nfe == [k] * 3 and diff == 0.0
