@@ -128,6 +128,8 @@ def real_resample(monkeypatch):
         pytest.skip("FLASH_RESAMPLE_REPO is not set: no checkout of github.com/soominkwon/resample to test against")
     pytest.importorskip("einops", reason="the ReSample repository imports einops")
     pytest.importorskip("yaml", reason="the ReSample repository imports yaml")
+    import diffusers  # noqa: F401  (imported first: it probes torchvision's spec, which a stand-in lacks)
+
     try:
         import torchvision.utils  # noqa: F401
     except Exception:  # torchvision does not import next to this torch: a stand-in for the unused import
