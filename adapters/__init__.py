@@ -7,7 +7,8 @@ module implements ``flash_adapt_solver`` and is listed in flash-plugin's own
 * `flash_plugin.adapters.compvis`: shared plumbing for the CompVis ``DDIMSampler`` forks (no hooks);
 * `flash_plugin.adapters.psld`: LituRout/PSLD (PSLD, GML-DPS, Latent-DPS);
 * `flash_plugin.adapters.resample`: soominkwon/resample;
-* `flash_plugin.adapters.dps`: DPS2022/diffusion-posterior-sampling (pixel space).
+* `flash_plugin.adapters.dps`: DPS2022/diffusion-posterior-sampling (pixel space);
+* `flash_plugin.adapters.deepinv`: deepinv's DPS / PosteriorDiffusion and Physics <-> Operator (extra ``[deepinv]``).
 
 See ``docs/flash-your-existing-solver.md``.
 """
