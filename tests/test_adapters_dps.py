@@ -133,6 +133,9 @@ def test_real_dps_calls_resume_batch(real_dps):
     for k, (nfe, diff) in out.items():
         assert nfe == [k] * 3 and diff == 0.0
     assert torch.equal(solo, full.latent)
+    y, op = _
+    assert torch.equal(adapter.solve(y, op, generator=_gens(3)).latent, full.latent)
+    assert not torch.equal(adapter.solve(y, op, generator=_gens(3, 5)).latent, full.latent)
 
 
 DPS_EXPECTED_FAILURES = {
