@@ -170,6 +170,8 @@ class ReSampleAdapter(CompVisAdapter):
             )
         finally:
             s._flash_skip, s._flash_pos = 0, 0
+        # Note: the upstream's final latent optimisation updates the tensor of x_inter[-1] in place
+        # (it optimises img.detach(), which shares storage), so the level-0 entry is the final latent.
         return z, (inter["x_inter"] if trajectory else None)
 
 
