@@ -139,8 +139,6 @@ def test_real_dps_calls_resume_batch(real_dps):
 
 
 DPS_EXPECTED_FAILURES = {
-    "start_latent_is_first_input": "the check reads the first denoiser call as the whole batch; the adapter calls the "
-    "upstream once per sample (batch 1)",
 }
 
 

@@ -175,11 +175,6 @@ def test_conflicting_upstream_package_is_refused(psld_module, tmp_path):
 PSLD_EXPECTED_FAILURES = {
     "schedule_matches_model": "the adapter's schedule is the upstream's own float32 ddim_alphas (what the sampler "
     "really uses), 1e-8 from the model's float64 ᾱ",
-    "start_latent_is_first_input": "the check reads the first denoiser call as the whole batch; the adapter calls the "
-    "upstream once per sample (batch 1), so the first call holds sample 0 only (per-sample first inputs are checked "
-    "in test_exactly_k_calls_and_exact_resume)",
-    "resume_equals_tail": "the check expects one denoiser call covering all samples at a level; the adapter calls "
-    "per sample (exact resume is checked per sample in test_exactly_k_calls_and_exact_resume)",
     "output_variance_bounded": "the CompVis sampler's last step ends at ᾱ_train[0] = 0.9985, not at 1: the output "
     "keeps noise of variance 1 − ᾱ_0 = 0.0015, 15x the near-deterministic oracle's data variance 1e-4 (measured: "
     "median 15.6x, with ω = γ = 0 as well)",

@@ -174,8 +174,6 @@ RESAMPLE_EXPECTED_FAILURES = {
     "full_solve": "ReSample's time travel makes 5 extra denoiser calls per data-consistency event (k + 5·events, "
     "reported honestly in Solution.nfe; checked in test_calls_are_k_plus_time_travel)",
     "start_makes_k_calls": "the same time-travel calls: k + 5·events denoiser calls from step k",
-    "start_latent_is_first_input": "the check reads the first denoiser call as the whole batch; the adapter calls the "
-    "upstream once per sample (batch 1)",
 }
 
 
