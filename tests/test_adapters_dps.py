@@ -138,8 +138,7 @@ def test_real_dps_calls_resume_batch(real_dps):
     assert not torch.equal(adapter.solve(y, op, generator=_gens(3, 5)).latent, full.latent)
 
 
-DPS_EXPECTED_FAILURES = {
-}
+DPS_EXPECTED_FAILURES: dict[str, str] = {}  # none: the DPS adapter passes every call-contract check
 
 
 def test_conformance_call_contract(dps_double):

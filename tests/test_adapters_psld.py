@@ -236,3 +236,24 @@ def test_real_psld_batch_and_hook(real_psld):
     solo = torch.cat([adapter.solve(y[i : i + 1], op.select(torch.tensor([i])), generator=_gens(1, i)).latent for i in range(3)])
     assert torch.equal(batch.latent, solo)
     assert torch.equal(adapter.solve(y, op, generator=_gens(3)).latent, batch.latent)
+
+
+def test_flash_of_the_upstream_sampler_object_needs_no_other_argument(psld_module):
+    """flash(<the upstream DDIMSampler over the bundled model>): the plugin adapts the sampler and
+    the registry supplies the bundled encoder of the operator's family (gblur-fixed -> the
+    gaussian-blur encoder)."""
+    from flash_plugin import flash
+    from flash_plugin.models import load_default_model, load_test_images
+    from flash_plugin.operators import get_preset
+
+    model = load_default_model().latent_diffusion
+    x, _ = load_test_images()
+    g = torch.Generator().manual_seed(0)
+    op = get_preset("gblur-fixed").make(torch.ones(2), g)
+    y = op.measure(x[:2], g)
+    solver = flash(psld_module.DDIMSampler(CompVisModel(model)))
+    assert isinstance(solver.solver, PSLDAdapter)
+    sol = solver(y, op, generator=_gens(2))
+    assert solver.estimator_for(op).metadata["operator"] == "gblur-varying"
+    assert torch.equal(sol.nfe, sol.start_step) and bool((sol.start_step > 0).all())
+    assert torch.isfinite(sol.x).all() and sol.x.shape == x[:2].shape
