@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
                                   seed=args.seed, solver_overrides=overrides, progress=bars, image_index=subset))
         _args.stage("demo", f"{solver_label} from noise on {task}: {len(subset)} image(s) in {time.perf_counter() - t0:.1f} s")
     if base_runs:
-        header = (f"{'task':<18} {'images':<8} {'solver PSNR':>11} {'SSIM':>6} {'NFE':>6} {'wall s':>7} | "
+        header = (f"{'task':<18} {'image #':<8} {'solver PSNR':>11} {'SSIM':>6} {'NFE':>6} {'wall s':>7} | "
                   f"{'Flash PSNR':>10} {'SSIM':>6} {'NFE':>6} {'wall s':>7} {'speed-up':>8}")
         print(header)
         print("-" * len(header))
