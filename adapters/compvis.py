@@ -49,9 +49,10 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from flash_plugin.adapters.common import start_of
 from flash_plugin.errors import FlashError, FlashInputError
 from flash_plugin.types import NoiseSchedule, Solution, StartPoint
-from flash_plugin.utils.random import GeneratorLike, check_generators, randn_per_sample
+from flash_plugin.utils.random import GeneratorLike, check_generators
 
 UPSTREAM_PACKAGES: tuple[str, ...] = ("ldm", "util", "guided_diffusion")
 """Top-level package names shipped by more than one upstream (or clashing with common names)."""
@@ -434,17 +435,10 @@ class CompVisAdapter:
             raise FlashInputError("y contains NaN or Inf")
         self.check_operator(operator)
         check_no_conflict_for(self.upstream_class, self.upstream_packages, self.upstream_root)
-        batch, n, shape = y.shape[0], self.schedule.num_steps, self.latent_shape
+        batch, shape = y.shape[0], self.latent_shape
         device = torch.device(self.compvis_model.device)
         check_generators(generator, batch)
-        if start is None:  # the start noise comes from the caller's generators, as in every flash-plugin solver
-            steps = torch.full((batch,), n, dtype=torch.long)
-            latents = randn_per_sample((batch, *shape), generator, device=device, dtype=y.dtype)
-        else:
-            if start.latent.shape[0] != batch or tuple(start.latent.shape[1:]) != shape:
-                raise FlashInputError(f"start.latent must have shape ({batch}, {', '.join(map(str, shape))}), got {tuple(start.latent.shape)}")
-            steps = self.schedule.check_steps(start.step).cpu()
-            latents = start.latent.detach()
+        steps, latents = start_of(start, generator, self.schedule, batch, shape, device, y.dtype)
         seeds = sample_seeds(generator, batch)
         from flash_plugin.solvers.base import select_operator
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from flash_plugin.adapters.common import start_of
 from flash_plugin.adapters.compvis import quiet, sample_seeds, seeded_global_rng
 from flash_plugin.errors import FlashInputError
 from flash_plugin.markers import hookimpl
@@ -195,14 +196,7 @@ class DeepinvAdapter:
             raise FlashInputError("y must be a batched, finite floating-point tensor")
         batch, n, shape = y.shape[0], self.schedule.num_steps, self.latent_shape
         check_generators(generator, batch)
-        if start is None:
-            steps = torch.full((batch,), n, dtype=torch.long)
-            latents = randn_per_sample((batch, *shape), generator, device=y.device, dtype=y.dtype)
-        else:
-            if start.latent.shape[0] != batch or tuple(start.latent.shape[1:]) != shape:
-                raise FlashInputError(f"start.latent must have shape ({batch}, {', '.join(map(str, shape))}), got {tuple(start.latent.shape)}")
-            steps = self.schedule.check_steps(start.step).cpu()
-            latents = start.latent.detach()
+        steps, latents = start_of(start, generator, self.schedule, batch, shape, y.device, y.dtype)
         seeds = sample_seeds(generator, batch)
         from flash_plugin.solvers.base import select_operator
 

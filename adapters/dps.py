@@ -44,27 +44,13 @@ from flash_plugin.adapters.compvis import (
     seeded_global_rng,
     upstream_root,
 )
+from flash_plugin.adapters.common import ForwardShim, gaussian, start_of
 from flash_plugin.errors import FlashInputError
 from flash_plugin.markers import hookimpl
 from flash_plugin.types import NoiseSchedule, Solution, StartPoint
-from flash_plugin.utils.random import GeneratorLike, check_generators, randn_per_sample
+from flash_plugin.utils.random import GeneratorLike, check_generators
 
 PACKAGES = ("guided_diffusion", "util")
-
-
-def gaussian(x: torch.Tensor) -> torch.Tensor:
-    """A noiser named ``gaussian``: the DPS ``'ps'`` step only reads the noiser's ``__name__``."""
-    return x
-
-
-class _ForwardShim:
-    """``forward(x, **kwargs)``: the ``'ps'`` step passes keywords (``noisy_measurement``, ``mask``)."""
-
-    def __init__(self, operator: Any):
-        self.operator = operator
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.operator.forward(x)
 
 
 class DPSModel(torch.nn.Module):
@@ -148,7 +134,7 @@ class DPSAdapter:
 
     def measurement_cond_fn(self, operator: Any) -> Callable:
         """The ``'ps'`` step for ``operator`` (the sample_fn's method class and settings if given)."""
-        shim = _ForwardShim(operator)
+        shim = ForwardShim(operator)
         if self._conditioning is not None:
             return self._conditioning(shim)
         if self._cond_method is not None:
@@ -175,16 +161,9 @@ class DPSAdapter:
             raise FlashInputError(f"the operator must have forward(x); got {type(operator).__name__}")
         if self.upstream_root is not None:
             check_no_conflict(self.upstream_root, [type(self.sampler).__module__.split(".", 1)[0]])
-        batch, n, shape = y.shape[0], self.schedule.num_steps, self.latent_shape
+        batch, shape = y.shape[0], self.latent_shape
         check_generators(generator, batch)
-        if start is None:
-            steps = torch.full((batch,), n, dtype=torch.long)
-            latents = randn_per_sample((batch, *shape), generator, device=y.device, dtype=y.dtype)
-        else:
-            if start.latent.shape[0] != batch or tuple(start.latent.shape[1:]) != shape:
-                raise FlashInputError(f"start.latent must have shape ({batch}, {', '.join(map(str, shape))}), got {tuple(start.latent.shape)}")
-            steps = self.schedule.check_steps(start.step).cpu()
-            latents = start.latent.detach()
+        steps, latents = start_of(start, generator, self.schedule, batch, shape, y.device, y.dtype)
         if rng_state is not None and len(rng_state) != batch:
             raise FlashInputError(f"rng_state needs one state per sample ({batch}), got {len(rng_state)}")
         seeds = sample_seeds(generator, batch)

@@ -30,31 +30,16 @@ the ``'ps'`` DPS step with a Gaussian noiser. The upstream's ``apply_model`` is 
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from flash_plugin.adapters.common import ForwardShim, gaussian
 from flash_plugin.adapters.compvis import CompVisAdapter, check_no_conflict, cpu_safe_class, import_upstream
 from flash_plugin.errors import FlashInputError
 from flash_plugin.markers import hookimpl
 
 START_MODES = ("keep_full_run_phases", "upstream_truncation")
-
-
-def gaussian(x: torch.Tensor) -> torch.Tensor:
-    """A noiser named ``gaussian``: the ReSample DPS step only reads the noiser's ``__name__``."""
-    return x
-
-
-class _ForwardShim:
-    """``forward(x, **kwargs)``: the ReSample DPS step passes ``noisy_measurement=`` to the operator."""
-
-    def __init__(self, operator: Any):
-        self.operator = operator
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.operator.forward(x)
 
 
 _GUARDED: dict[type, type] = {}
@@ -143,7 +128,7 @@ class ReSampleAdapter(CompVisAdapter):
             raise FlashInputError("cannot locate the ReSample checkout of the sampler: pass conditioning=...")
         check_no_conflict(self.upstream_root, ("ldm_inverse",))
         methods = import_upstream(self.upstream_root, "ldm_inverse.condition_methods", ("ldm_inverse",))
-        return methods.get_conditioning_method("ps", self.counter, _ForwardShim(operator), noiser=gaussian).conditioning
+        return methods.get_conditioning_method("ps", self.counter, ForwardShim(operator), noiser=gaussian).conditioning
 
     def run_upstream(self, y, operator, x_T, k, trajectory, callback):
         n = self.schedule.num_steps
