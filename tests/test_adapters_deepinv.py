@@ -10,7 +10,7 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.deepinv
-dinv = pytest.importorskip("deepinv", reason="deepinv is not installed (it needs torch 2.14.1 + torchvision 0.29.1: pip install 'flash-plugin[deepinv]')")
+dinv = pytest.importorskip("deepinv", reason="deepinv is not installed (it needs torch 2.14.1 + torchvision 0.29.1: pip install -e '.[deepinv]' in an environment of its own)")
 
 from flash_plugin.adapters.deepinv import (  # noqa: E402
     DeepinvAdapter,
@@ -104,3 +104,33 @@ def test_exact_resume(solver):
         assert nfe == [k] * 3
         if solver == "ddim":
             assert diff < 1e-5, (k, diff)
+
+
+def _conformance_factory(model):
+    sched = NoiseSchedule.from_train_alphas(model.alphas_cumprod, train_timesteps(1000, 20))
+    grid = vp_times(sched.alphas_cumprod.flip(0))
+    return DeepinvAdapter(dinv.sampling.DPS(EpsDenoiser(model), solver=dinv.sampling.DDPMSolver(timesteps=grid), weight=1.0,
+                                            minus_one_one=False))
+
+
+DEEPINV_EXPECTED_FAILURES: dict[str, str] = {}
+STATISTICAL = ("output_mean_from_any_start", "output_variance_bounded", "intermediate_states_on_forward_process",
+               "resume_equals_tail", "guidance_points_to_posterior")
+
+
+def _conformance(statistical: bool):
+    from flash_plugin.conformance import SOLVER_CHECKS, check_solver, format_results
+
+    names = [n for n in SOLVER_CHECKS if statistical or n.removeprefix("check_") not in STATISTICAL]
+    results = check_solver(_conformance_factory, expected_failures=DEEPINV_EXPECTED_FAILURES, checks=names)
+    assert not [r for r in results if r.status == "failed"], format_results(results)
+
+
+def test_conformance_call_contract():
+    _conformance(statistical=False)
+
+
+@pytest.mark.slow
+def test_conformance_statistical():
+    """Every check, the statistical ones included (minutes: 2000-sample checks, one deepinv call per sample)."""
+    _conformance(statistical=True)
