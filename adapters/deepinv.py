@@ -10,7 +10,8 @@ consecutive pair. The adapter's levels are deepinv's own grid points: with ``M``
 ``x_init = z_k, timesteps = grid[N − k:]`` (exactly k denoiser calls; the final denoising of
 ``denoise_output`` makes no call where the grid ends at σ = 0). ``ᾱ_k = scale_t(grid[N − k])²``
 (the VP state ``s(t)(x0 + σ(t) n)`` is our ``sqrt(ᾱ) x0 + sqrt(1 − ᾱ) n``); the integer
-``schedule.timesteps`` are ``round(1000 · t)``. k = 0 is handled without a call (a one-point grid
+``schedule.timesteps`` are the train timesteps an `EpsDenoiser` queries (the nearest ᾱ), or
+``round(1000 · t)`` labels for another denoiser. k = 0 is handled without a call (a one-point grid
 fails in deepinv).
 
 `vp_times` maps a flash-plugin discrete schedule exactly onto deepinv's VP time (the root of
@@ -161,7 +162,11 @@ class DeepinvAdapter:
         acp[0] = 1.0 if abs(acp[0].item() - 1.0) < 1e-9 else acp[0]
         if abs(acp[0].item() - 1.0) > 1e-9:
             raise FlashInputError(f"the deepinv grid must end at a clean level (ᾱ = 1 at its last point), got ᾱ = {acp[0].item()}")
-        ts = torch.round(grid.flip(0) * 1000).long()
+        train_acp = getattr(den, "acp", None) if isinstance(den, EpsDenoiser) else None
+        if train_acp is not None:  # the train timestep EpsDenoiser queries at each level (nearest ᾱ)
+            ts = (train_acp[None, :] - acp[:, None]).abs().argmin(dim=1)
+        else:  # a deepinv denoiser has no train timesteps: labels of deepinv's time
+            ts = torch.round(grid.flip(0) * 1000).long()
         ts[0] = -1
         self._schedule = NoiseSchedule(acp, ts)
 

@@ -113,7 +113,11 @@ def _conformance_factory(model):
                                             minus_one_one=False))
 
 
-DEEPINV_EXPECTED_FAILURES: dict[str, str] = {}
+DEEPINV_EXPECTED_FAILURES = {
+    "output_mean_from_any_start": "deepinv's DPS builds its DPSDataFidelity with clip=[-1, 1] (deepinv/sampling/diffusion.py), "
+    "so the denoised estimate it steps with is clipped: on the unit-variance oracle the output mean is 0.70x the data mean "
+    "(read from deepinv's source; not isolated by an experiment)",
+}
 STATISTICAL = ("output_mean_from_any_start", "output_variance_bounded", "intermediate_states_on_forward_process",
                "resume_equals_tail", "guidance_points_to_posterior")
 
