@@ -97,25 +97,14 @@ def load_classifier(path: str | Path | None = None, device: str | torch.device =
     Raises `CheckpointError` if ``config.json`` or ``model.safetensors`` is missing, unreadable,
     truncated, has unknown config fields, or does not match the architecture.
     """
-    from flash_plugin.utils.checkpoint import load_safetensors
+    from flash_plugin.utils.checkpoint import load_safetensors, read_json_config
 
     d = Path(path) if path is not None else DEFAULT_CLASSIFIER_DIR
     if not d.is_dir():
         raise CheckpointError(f"classifier directory not found: {d}")
     cfg_path = d / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise CheckpointError(f"classifier config not found: {cfg_path}")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot parse {cfg_path} as JSON (truncated?): {e}") from e
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{cfg_path} must hold a JSON object")
-    unknown = set(cfg) - _CONFIG_FIELDS
-    if unknown:
-        raise CheckpointError(f"{cfg_path} has unknown fields {sorted(unknown)}")
-    if cfg.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{cfg_path}: unsupported format_version {cfg.get('format_version')!r} (expected {FORMAT_VERSION})")
+    cfg = read_json_config(cfg_path, _CONFIG_FIELDS, missing=f"classifier config not found: {cfg_path}",
+                           format_version=FORMAT_VERSION)
     if cfg.get("class_name") != FashionClassifier.__name__:
         raise CheckpointError(f"{cfg_path}: class_name must be {FashionClassifier.__name__!r}, got {cfg.get('class_name')!r}")
     try:

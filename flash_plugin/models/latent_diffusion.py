@@ -181,20 +181,11 @@ class LatentDiffusion(torch.nn.Module):
         """Load what `save_pretrained` wrote (safetensors only; unknown config fields are refused)."""
         import diffusers
 
-        from flash_plugin.utils.checkpoint import load_safetensors
+        from flash_plugin.utils.checkpoint import load_safetensors, read_json_config
 
         d = Path(directory)
-        if not (d / CONFIG_NAME).is_file():
-            raise CheckpointError(f"{d} has no {CONFIG_NAME}: not a flash-plugin LatentDiffusion directory")
-        try:
-            cfg = json.loads((d / CONFIG_NAME).read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{d / CONFIG_NAME} is not valid JSON: {e}") from e
-        unknown = set(cfg) - _CONFIG_FIELDS
-        if unknown:
-            raise CheckpointError(f"{d / CONFIG_NAME} has unknown fields {sorted(unknown)}; known: {sorted(_CONFIG_FIELDS)}")
-        if cfg.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{d / CONFIG_NAME}: format_version {cfg.get('format_version')} is not {FORMAT_VERSION}")
+        cfg = read_json_config(d / CONFIG_NAME, _CONFIG_FIELDS, missing=f"{d} has no {CONFIG_NAME}: not a flash-plugin LatentDiffusion directory",
+                               format_version=FORMAT_VERSION)
         if cfg["autoencoder_class"] not in _AUTOENCODERS or cfg["unet_class"] not in _UNETS:
             raise CheckpointError(f"{d / CONFIG_NAME}: unsupported classes {cfg['autoencoder_class']}/{cfg['unet_class']}")
         for sub in ("autoencoder", "unet"):

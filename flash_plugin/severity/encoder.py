@@ -34,7 +34,6 @@ given model's. No pickle anywhere.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -72,6 +71,8 @@ CONFIG_FIELDS = frozenset({
     "metrics",             # evaluation numbers (Spearman, ordering accuracy, calibration, ...)
 })
 HEAD_FIELDS = frozenset({"channels", "parameterisation", "features"})
+_REQUIRED_FIELDS = ("format_version", "autoencoder_class", "autoencoder_config", "image_shape", "latent_mean", "latent_std",
+                    "latent_id", "head")
 
 
 def _jsonable(value: Any) -> Any:
@@ -340,24 +341,12 @@ class SeverityEncoder(nn.Module):
     @classmethod
     def read_config(cls, directory: str | Path) -> dict[str, Any]:
         """The validated JSON config of a saved encoder (raises `CheckpointError`)."""
+        from flash_plugin.utils.checkpoint import read_json_config
+
         d = Path(directory)
         path = d / CONFIG_NAME
-        if not path.is_file():
-            raise CheckpointError(f"{d} has no {CONFIG_NAME}: not a flash-plugin severity encoder directory")
-        try:
-            cfg = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path} is not valid JSON (truncated?): {e}") from e
-        if not isinstance(cfg, dict):
-            raise CheckpointError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
-        unknown = set(cfg) - CONFIG_FIELDS
-        if unknown:
-            raise CheckpointError(f"{path} has unknown fields {sorted(unknown)}; known: {sorted(CONFIG_FIELDS)}")
-        missing = {"format_version", "autoencoder_class", "autoencoder_config", "image_shape", "latent_mean", "latent_std", "latent_id", "head"} - set(cfg)
-        if missing:
-            raise CheckpointError(f"{path} lacks the fields {sorted(missing)}")
-        if cfg["format_version"] != FORMAT_VERSION:
-            raise CheckpointError(f"{path}: format_version {cfg['format_version']!r} is not {FORMAT_VERSION}")
+        cfg = read_json_config(path, CONFIG_FIELDS, missing=f"{d} has no {CONFIG_NAME}: not a flash-plugin severity encoder directory",
+                               required=_REQUIRED_FIELDS, format_version=FORMAT_VERSION)
         if cfg.get("class", "SeverityEncoder") != "SeverityEncoder":
             raise CheckpointError(f"{path}: class {cfg['class']!r} is not SeverityEncoder")
         if cfg["autoencoder_class"] not in _AUTOENCODERS:

@@ -1,16 +1,17 @@
-"""Resumable training state in safetensors (no pickle anywhere).
+"""Atomic, pickle-free checkpoint files: safetensors weights, JSON configs and resumable training state.
 
-A training checkpoint holds the model weights, optional EMA weights, the optimizer's tensors
-(flattened as ``opt.<param index>.<name>``), the step counter and a JSON ``meta`` string.
-Writes are atomic (write to a temporary file, then ``os.replace``), so a killed process never
-leaves a half-written checkpoint behind.
+Writes go to a temporary file that replaces the target (``os.replace``), so a killed process
+never leaves a half-written file. A training checkpoint holds the model weights, optional EMA
+weights, the optimizer's tensors (as ``opt.<param index>.<name>``), the step and a JSON ``meta``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,14 @@ from flash_plugin.errors import CheckpointError
 _FILE_MODE = 0o644
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[str]:
+    """A temporary file next to ``path`` that replaces it when the block succeeds (removed otherwise)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        yield tmp
         os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; weights and configs must stay readable once installed
         os.replace(tmp, path)
     except BaseException:
@@ -39,23 +41,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with _replacing(Path(path)) as tmp:
+        Path(tmp).write_bytes(data)
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
+    with _replacing(Path(path)) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -67,6 +64,41 @@ def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:  # truncated / corrupt header
         raise CheckpointError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from e
+
+
+def read_json_config(
+    path: str | os.PathLike,
+    known_fields: Iterable[str],
+    *,
+    missing: str,
+    required: Iterable[str] = (),
+    format_version: int | None = None,
+) -> dict[str, Any]:
+    """The JSON object in ``path``, refusing what a loader cannot trust.
+
+    Raises `CheckpointError` with the message ``missing`` when the file does not exist, and one
+    naming the file when it is not a JSON object (e.g. truncated), has fields outside
+    ``known_fields``, lacks one of ``required``, or (when given) another ``format_version``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(missing)
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON (truncated?): {e}") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
+    known = set(known_fields)
+    unknown = set(cfg) - known
+    if unknown:
+        raise CheckpointError(f"{path} has unknown fields {sorted(unknown)}; known: {sorted(known)}")
+    lacking = set(required) - set(cfg)
+    if lacking:
+        raise CheckpointError(f"{path} lacks the fields {sorted(lacking)}")
+    if format_version is not None and cfg.get("format_version") != format_version:
+        raise CheckpointError(f"{path}: format_version {cfg.get('format_version')!r} is not {format_version}")
+    return cfg
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
