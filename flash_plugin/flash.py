@@ -44,6 +44,7 @@ from flash_plugin.schedule import allocate_steps, select_start_step, start_laten
 from flash_plugin.solvers.base import select_operator
 from flash_plugin.types import NoiseSchedule, SeverityEstimate, Solution, StartPoint
 from flash_plugin.utils.random import GeneratorLike, check_generators, randn_per_sample, subset_generators
+from flash_plugin.utils.validation import check_finite_batch
 
 
 @dataclass(frozen=True)
@@ -204,12 +205,7 @@ class FlashSolver:
         """Validate ``y`` against the operator before any work (see the module docstring); returns ``y.dtype``."""
         if not isinstance(y, torch.Tensor) or y.ndim < 2:
             raise FlashInputError(f"y must be a batched tensor (B, ...), got {type(y).__name__} {tuple(getattr(y, 'shape', ()))}")
-        if not y.is_floating_point():
-            raise FlashInputError(f"y must have a real floating dtype (float32, float64, float16, bfloat16), got {y.dtype}")
-        if y.shape[0] == 0:
-            raise FlashInputError("y is an empty batch")
-        if not bool(torch.isfinite(y).all()):
-            raise FlashInputError("y contains NaN or Inf")
+        check_finite_batch("y", y)
         cfg = self.config
         if cfg.check_operator_family and self.estimator is not None:
             want = getattr(operator, "operator_family", None)

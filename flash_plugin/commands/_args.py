@@ -1,10 +1,8 @@
 """Argument checks and progress display shared by the subcommands.
 
-Every subcommand validates its arguments with these helpers at the start of ``run``, before it
-loads a model or any data it does not need for the check, so that a bad argument costs seconds and
-ends in one line (``flash-plugin: error: ...``, through `flash_plugin.errors.FlashInputError`)
-instead of a traceback after the model load, or a silently different run. The helpers take the
-option's name as the user typed it (``"--n-images"``) so that the message names it.
+Each subcommand checks its arguments with these at the start of ``run``, before loading a model,
+so that a bad argument costs seconds and ends in one line (``flash-plugin: error: ...``) naming the
+option as typed (``"--n-images"``), not in a traceback or a silently different run.
 """
 
 from __future__ import annotations
@@ -12,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,28 +55,25 @@ def check_float(name: str, value: Any, *, minimum: float | None = None, maximum:
     return v
 
 
-def check_dir(name: str, path: Any) -> Path | None:
-    """An existing directory (``None`` passes)."""
+def _existing(name: str, path: Any, is_kind: Callable[[Path], bool], noun: str) -> Path | None:
     if path is None:
         return None
     p = Path(path)
     if not p.exists():
-        raise FlashInputError(f"{name} {path}: no such directory")
-    if not p.is_dir():
-        raise FlashInputError(f"{name} {path}: not a directory")
+        raise FlashInputError(f"{name} {path}: no such {noun}")
+    if not is_kind(p):
+        raise FlashInputError(f"{name} {path}: not a {noun}")
     return p
+
+
+def check_dir(name: str, path: Any) -> Path | None:
+    """An existing directory (``None`` passes)."""
+    return _existing(name, path, Path.is_dir, "directory")
 
 
 def check_file(name: str, path: Any) -> Path | None:
     """An existing regular file (``None`` passes)."""
-    if path is None:
-        return None
-    p = Path(path)
-    if not p.exists():
-        raise FlashInputError(f"{name} {path}: no such file")
-    if not p.is_file():
-        raise FlashInputError(f"{name} {path}: not a file")
-    return p
+    return _existing(name, path, Path.is_file, "file")
 
 
 def check_out_dir(name: str, path: Any) -> Path:

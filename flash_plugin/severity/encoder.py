@@ -43,6 +43,7 @@ from torch import nn
 
 from flash_plugin.errors import CheckpointError, FlashInputError, LatentSpaceMismatchError
 from flash_plugin.types import SeverityEstimate
+from flash_plugin.utils.validation import check_finite_batch
 
 CONFIG_NAME = "severity_encoder.json"
 WEIGHTS_NAME = "severity_encoder.safetensors"
@@ -308,12 +309,7 @@ class SeverityEncoder(nn.Module):
             raise FlashInputError(f"y must have {c} channel(s) (this encoder's images are {c}x{hgt}x{wid}), got shape {tuple(y.shape)}")
         if tuple(y.shape[2:]) != (hgt, wid):
             raise FlashInputError(f"y must be {hgt}x{wid} pixels (the size the encoder was trained on), got shape {tuple(y.shape)}")
-        if not y.is_floating_point():
-            raise FlashInputError(f"y must have a floating dtype, got {y.dtype}")
-        if y.shape[0] == 0:
-            raise FlashInputError("y is an empty batch")
-        if not bool(torch.isfinite(y).all()):
-            raise FlashInputError("y contains NaN or Inf")
+        check_finite_batch("y", y)
         return y
 
     @torch.no_grad()
