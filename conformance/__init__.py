@@ -1,6 +1,5 @@
-"""Conformance suite: checks of solvers, operators and severity estimators, with three doors.
-
-Installed as ``flash_plugin.conformance`` (never as a top-level ``conformance`` module)::
+"""Conformance suite: checks of solvers, operators and severity estimators, in the manner of
+scikit-learn's ``check_estimator``. Installed as ``flash_plugin.conformance``::
 
     from flash_plugin.conformance import check_solver, parametrize_with_checks
 
@@ -10,14 +9,9 @@ Installed as ``flash_plugin.conformance`` (never as a top-level ``conformance`` 
     def test_conformance(solver, check):
         check(solver)
 
-or ``flash-plugin check my_module:make_solver``; `check_operator` and
-`check_severity_estimator` do the same for the other two kinds of plugin object. The harness
-(`harness`), the call-contract checks (`checks`), the statistical checks (`statistics`), the
-operator and estimator checks (`components`) and the doors (`doors`) each have a module; the
-spy model and the tiny operator are in `oracles`. See ``docs/make-your-solver-flashable.md``.
-
-The names below are loaded on first use (PEP 562), so importing this package (as the pytest
-plugin `flash_plugin.conformance.pytest_plugin` does) does not import the checks.
+or ``flash-plugin check my_module:make_solver``. The names below load on first use (PEP 562), so
+that the pytest plugin can import this package without the checks. See
+docs/make-your-solver-flashable.md.
 """
 
 from __future__ import annotations

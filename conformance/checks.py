@@ -1,11 +1,7 @@
 """The solver checks of the call contract: schedule, call counts and timesteps, start at 0, range
 validation, determinism, batch = samples alone, autograd hygiene, inputs and model untouched,
-flash() at k = N.
-
-What a check gets and how it reports: `flash_plugin.conformance.harness`. What a solver
-computes from a start step (on the Gaussian oracle, statistically) is checked in
-`flash_plugin.conformance.statistics`. The doors that run the checks are in
-`flash_plugin.conformance.doors`; their names are re-exported here for older imports.
+flash() at k = N. The harness is in `harness`, the statistical checks in `statistics`, the doors in
+`doors` (their names stay importable from here).
 """
 
 from __future__ import annotations
@@ -37,6 +33,7 @@ from .harness import (
     solver_check,
     start_latents,
 )
+
 
 @solver_check
 def check_schedule_is_valid(solver_or_factory: Any) -> None:
@@ -545,7 +542,6 @@ def check_flash_force_full_is_identity(solver_or_factory: Any) -> None:
                           else f" ({a.nfe.tolist()} vs {b.nfe.tolist()})"),
                        expected="bit-identical results at k = N",
                        cause=_force_full_cause(s, y, op, make_gen), detail=detail)
-
 
 
 _DOOR_NAMES = ("CheckFailure", "CheckResult", "Problem", "SolverCase", "check_solver", "format_results",

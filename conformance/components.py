@@ -63,9 +63,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.allclose(a.detach().double().cpu(), b.detach().double().cpu(), rtol=SAME_RTOL, atol=SAME_ATOL)
 
 
-# ----------------------------------------------------------------------------------------------
-# Operators
-# ----------------------------------------------------------------------------------------------
+# ---- Operators -------------------------------------------------------------------------------
 def _operator(obj: Any, check: str) -> tuple[_Component, Any, torch.Tensor]:
     case = obj if isinstance(obj, OperatorCase) else OperatorCase(obj)
     c = _Component(case, check, "check_operator", "operator")
@@ -187,9 +185,7 @@ def check_operator_gradient_flows(operator: Any) -> None:
                expected="a finite, non-zero gradient", cause="forward() is not differentiable in x (rounding, indexing by x)")
 
 
-# ----------------------------------------------------------------------------------------------
-# Severity estimators
-# ----------------------------------------------------------------------------------------------
+# ---- Severity estimators ---------------------------------------------------------------------
 FAMILY_KEYS = ("operator", "operator_family")
 SEVERITIES = (0.05, 0.3, 0.55, 0.8, 1.0)
 

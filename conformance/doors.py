@@ -1,15 +1,10 @@
-"""The three doors of the conformance suite, for solvers, operators and severity estimators.
+"""The three doors of the conformance suite, in the style of scikit-learn's ``check_estimator``.
 
-In the style of scikit-learn's ``check_estimator``:
-
-* `check_solver`, `check_operator`, `check_severity_estimator` run every check of their kind
-  and return one `CheckResult` per check (no pytest needed);
-* `parametrize_with_checks([...], kind=...)` is a ``pytest.mark.parametrize`` decorator giving
-  one test per object x check (ids ``"<name>-<check name>"``, selectable with ``-k``);
-* ``flash-plugin check module:attr`` (`flash_plugin.commands.check`) on the command line.
-
-Expected failures are data: ``{check_name: reason}``. A check that raises anything but
-`CheckFailure` / `NotApplicable` is a failure of that check, reported with where it raised.
+`check_solver`, `check_operator` and `check_severity_estimator` run every check of their kind and
+return one `CheckResult` per check; `parametrize_with_checks` gives one pytest test per object and
+check; ``flash-plugin check`` (`flash_plugin.commands.check`) is the command line. Expected failures
+are data (``{check_name: reason}``); a check that raises anything but `CheckFailure` or
+`NotApplicable` fails, reported with where it raised.
 """
 
 from __future__ import annotations

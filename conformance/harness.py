@@ -1,19 +1,11 @@
 """The harness of the conformance suite: results, cases, the object a check works on, helpers.
 
-A check is a plain function ``check_<property>(target)`` registered in one of three ordered
-dictionaries (`SOLVER_CHECKS`, `OPERATOR_CHECKS`, `ESTIMATOR_CHECKS`). It returns ``None`` when
-the property holds, raises `CheckFailure` (an ``AssertionError``) whose message says what was
-observed, what was expected, the likely cause and how to reproduce, and raises `NotApplicable` (a
-``unittest.SkipTest``: pytest reports a skip with the reason) when it does not apply. The doors
-that run them (`flash_plugin.conformance.doors`) never mutate the objects they are given.
-
-A solver check gets either a *factory* ``make(model) -> Solver`` (a function, a lambda or a solver
-class taking the model first): a fresh seeded `SpyOracle` (the analytic Gaussian model that
-records every denoiser call) and a fresh solver over it are built for every check. Or a *solver
-object*: its model is opaque, only the black-box checks run and the others report "not
-applicable" with the reason. The black-box checks need a measurement: it is built from
-``solver.model.latent_shape`` / ``image_shape`` when the solver exposes its model
-(`LatentModelSolver`), else pass one with ``problem=Problem(y, operator)`` (or a `SolverCase`).
+A check is a function ``check_<property>(target)`` registered in `SOLVER_CHECKS`,
+`OPERATOR_CHECKS` or `ESTIMATOR_CHECKS`. It returns when the property holds, raises `CheckFailure`
+(observed, expected, likely cause, reproduce line) when it does not, and `NotApplicable` (a
+``unittest.SkipTest``) when it does not apply. A solver check given a factory ``make(model) ->
+Solver`` builds a fresh spy oracle and solver for each check; given a solver object, only the
+black-box checks run, on a measurement shaped by its model or given as ``problem=Problem(y, operator)``.
 """
 
 from __future__ import annotations
@@ -59,9 +51,7 @@ def estimator_check(fn: Callable[[Any], None]) -> Callable[[Any], None]:
     return fn
 
 
-# ----------------------------------------------------------------------------------------------
-# Data types
-# ----------------------------------------------------------------------------------------------
+# ---- Data types ------------------------------------------------------------------------------
 class NotApplicable(unittest.SkipTest):
     """A check does not apply to the given solver (the message says why); pytest reports a skip."""
 
@@ -137,6 +127,7 @@ class SolverCase:
     expected_failures: Mapping[str, str] | None = None
     seed: int = 0
 
+
 @dataclass(frozen=True)
 class OperatorCase:
     """An operator with what its checks need.
@@ -177,9 +168,7 @@ class EstimatorCase:
     expected_failures: Mapping[str, str] | None = None
 
 
-# ----------------------------------------------------------------------------------------------
-# What a check works on
-# ----------------------------------------------------------------------------------------------
+# ---- What a check works on -------------------------------------------------------------------
 def is_factory(target: Any) -> bool:
     if isinstance(target, type):  # a solver class is a factory make(model) -> Solver
         return True
@@ -357,10 +346,7 @@ def problem_from_model(solver: Any) -> tuple[Problem | None, str]:
     return Problem(op.measure(x, g), op, tuple(latent_shape)), ""
 
 
-
-# ----------------------------------------------------------------------------------------------
-# Helpers
-# ----------------------------------------------------------------------------------------------
+# ---- Helpers ---------------------------------------------------------------------------------
 def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

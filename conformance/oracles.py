@@ -1,19 +1,10 @@
-"""Spy models and a tiny operator for the conformance checks.
+"""The spy model and the tiny operator of the conformance checks.
 
-* `SpyOracle`: the analytic `GaussianOracle` (linear eps, identity autoencoder by default) that
-  records every denoiser call (``calls``: one LongTensor of timesteps per ``eps`` call), plus one
-  parameter ``gain`` (exactly ``1.0``, ``requires_grad=True`` like an unfrozen diffusers model)
-  so the checks see a solver that leaks gradients into, or changes, the model's parameters.
-* `make_oracle()`: a small seeded `SpyOracle` on the paper's 1000-step LDM schedule; this is the
-  model a factory ``make(model) -> Solver`` receives in the checks. ``variance=`` gives the
-  variants the statistical checks also use: unit data variance (like scaled real latents) and a
-  near-deterministic one (``1e-4``).
-* `MaskOperator`: ``y = m ⊙ x + σ_y n`` with a per-sample binary mask: ``forward``, ``measure``,
-  ``adjoint`` (self-adjoint), ``select``, ``noise_std``, ``severity``. Guided solvers that call
-  ``operator.forward`` work on the oracle with ``y`` shaped like the oracle's image.
-* `make_oracle_problem()`: measurements of oracle samples through a random `MaskOperator`.
-* `make_reference_sampler(model)`: the reference factory (``Sampler(model, num_steps=20)``),
-  e.g. ``flash-plugin check flash_plugin.conformance.oracles:make_reference_sampler``.
+`make_oracle` builds the `SpyOracle` a factory ``make(model) -> Solver`` receives: the analytic
+`GaussianOracle` on the paper's 1000-step LDM schedule, recording every denoiser call. `MaskOperator`
+(``y = m ⊙ x + σ_y n``, per-sample masks) lets guided solvers run on it;
+`make_reference_sampler` is the reference factory
+(``flash-plugin check flash_plugin.conformance.oracles:make_reference_sampler``).
 """
 
 from __future__ import annotations
@@ -42,12 +33,9 @@ ORACLE_LATENT_SHAPE: tuple[int, ...] = (2, 4, 4)
 
 
 class SpyOracle(GaussianOracle):
-    """A `GaussianOracle` with a trainable-looking parameter ``gain`` (``1.0``) in ``eps``.
-
-    ``eps`` returns exactly the oracle's value (multiplying by ``1.0`` is exact); ``gain`` exists so
-    that ``gain.grad`` reveals a ``loss.backward()`` that reaches the model, and a checksum of the
-    parameters reveals a solver that changes them. Calls are recorded as in `GaussianOracle`.
-    """
+    """A `GaussianOracle` with a parameter ``gain`` (exactly ``1.0``, ``requires_grad`` like an
+    unfrozen diffusers model) in ``eps``: ``gain.grad`` reveals a ``loss.backward()`` that reaches
+    the model, a checksum of the parameters a solver that changes them. Optionally records inputs."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -89,8 +77,7 @@ def make_oracle(
     variance: float | None = None,
 ) -> SpyOracle:
     """A seeded `SpyOracle`: means in ``[-0.5, 0.5]``, variances in ``[0.05, 0.25]`` per latent
-    dimension (or ``variance`` in every dimension), the paper's LDM schedule (1000 train steps)
-    unless ``alphas_cumprod`` is given."""
+    dimension (or ``variance`` in every one), the paper's LDM schedule unless ``alphas_cumprod`` is given."""
     shape = tuple(int(s) for s in latent_shape)
     g = torch.Generator().manual_seed(seed)
     mean = torch.rand(shape, generator=g, dtype=torch.float64) - 0.5

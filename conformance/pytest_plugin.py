@@ -1,17 +1,10 @@
 """pytest plugin of the conformance suite (entry point ``pytest11``: ``flash_plugin``).
 
-Loaded into every pytest run of an environment where flash-plugin is installed, so it only
-defines hooks and a fixture; nothing heavy is imported until the fixture is used.
+Loaded into every pytest run where flash-plugin is installed, so it imports nothing heavy: it
+registers the marker ``flash_conformance`` and the fixture ``flash_solver_checks``::
 
-* marker ``flash_conformance``: registered so that projects can tag their conformance tests
-  (``pytest -m flash_conformance``) under ``--strict-markers``;
-* fixture ``flash_solver_checks``: a function ``run(obj, *, expected_failures=None, checks=None,
-  **kwargs) -> list[CheckResult]`` that runs `flash_plugin.conformance.check_solver` (or
-  `check_operator` / `check_severity_estimator` for an operator or estimator, with their keyword
-  arguments) and fails the test with the report when a check failed::
-
-      def test_my_solver(flash_solver_checks):
-          flash_solver_checks(lambda model: MySolver(model, num_steps=20))
+    def test_my_solver(flash_solver_checks):
+        flash_solver_checks(lambda model: MySolver(model, num_steps=20))
 """
 
 from __future__ import annotations
@@ -28,8 +21,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def run_checks(obj: Any, *, expected_failures=None, checks=None, **kwargs: Any) -> list:
-    """The door of ``obj``'s kind (`check_solver`, `check_operator`, `check_severity_estimator`)
-    that calls ``pytest.fail`` with the report when any check failed."""
+    """Run the door of ``obj``'s kind (`check_solver`, `check_operator`, `check_severity_estimator`)
+    with these arguments; ``pytest.fail`` with the report when a check failed."""
     from .doors import check_operator, check_severity_estimator, check_solver, format_results, kind_of
 
     door = {"solver": check_solver, "operator": check_operator, "estimator": check_severity_estimator}[kind_of(obj)]

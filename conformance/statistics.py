@@ -1,18 +1,10 @@
 """Solver checks of what a solve computes from any start step, on the analytic Gaussian oracle.
 
-The oracle's data are ``z0 ~ N(μ, diag s²)`` and its denoiser is the exact MMSE one, so the truth
-is known in closed form. For every DDPM/DDIM-type chain (an update linear in ``ẑ0`` and ``ε̂``
-plus independent noise) the mean of each level's state is exactly ``a_k μ`` by induction, even at
-``N = 20`` steps; the variance is not exact on a coarse grid (a 20-step ancestral chain keeps
-0.4-0.6 of the data variance), so variances are only bounded from above. A measurement that
-carries no information (a mask that keeps nothing) makes every guided solver an unconditional one.
-
-Statistics. A mean is tested per latent dimension with ``z_d = (m_d − μ_d) / (s_d / √M)`` over
-``M`` independent samples, pooled as ``Σ z_d² ~ χ²(D)``; a check runs several such tests and
-splits its false-alarm rate `FALSE_ALARM` over them (Bonferroni), so a correct solver fails a
-check with probability at most `FALSE_ALARM` per seed (`SolverCase.seed` draws other samples).
-Variance bounds sit many standard errors above what a correct solver gives (see the docs page
-``docs/make-your-solver-flashable.md`` for the measured margins).
+The oracle's denoiser is the exact MMSE one, so the truth is known in closed form: every
+DDPM/DDIM-type chain keeps each level's mean at exactly ``a_k μ``, while variances on a coarse grid
+are only bounded from above. Means are tested with pooled χ² statistics whose false-alarm rates are
+split over a check's tests (Bonferroni), so a correct solver fails a check with probability at most
+`FALSE_ALARM` per seed. Derivations and measured margins: docs/make-your-solver-flashable.md.
 """
 
 from __future__ import annotations
@@ -31,7 +23,7 @@ from .oracles import MaskOperator, SpyOracle, make_oracle
 FALSE_ALARM = 1e-3
 """False-alarm rate of one statistical check on a correct solver (per seed)."""
 SAMPLES = 2000
-"""Samples per statistical solve (the oracle is cheap: a 20-step solve of 2000 takes ~0.1 s)."""
+"""Samples per statistical solve."""
 VARIANCE_BOUND = 1.25
 """Largest output / data variance per dimension accepted on the standard and unit oracles."""
 NEAR_DETERMINISTIC_VARIANCE = 1e-4
@@ -41,9 +33,7 @@ GUIDANCE_TOLERANCE = 0.05
 """Most negative projection of (output mean − prior mean) on (posterior mean − prior mean) accepted."""
 
 
-# ----------------------------------------------------------------------------------------------
-# Statistics
-# ----------------------------------------------------------------------------------------------
+# ---- Statistics ------------------------------------------------------------------------------
 def chi2_quantile(p: float, dof: int) -> float:
     """Upper quantile of χ²(dof) at tail probability ``p`` (Wilson-Hilferty; exact to ~1 % for dof >= 10)."""
     z = float(torch.special.ndtri(torch.tensor(1.0 - p, dtype=torch.float64)))
@@ -71,9 +61,7 @@ def _variance_ratio(samples: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     return samples.detach().double().cpu().flatten(1).var(0) / var.detach().double().cpu().flatten()
 
 
-# ----------------------------------------------------------------------------------------------
-# Problems on the oracle
-# ----------------------------------------------------------------------------------------------
+# ---- Problems on the oracle ------------------------------------------------------------------
 ORACLES = {
     "standard": None,  # variances in [0.05, 0.25]
     "unit-variance": 1.0,
@@ -86,7 +74,8 @@ def _oracle(kind: str) -> SpyOracle:
 
 
 def _uninformative(oracle: SpyOracle, m: int, g: torch.Generator) -> tuple[torch.Tensor, MaskOperator]:
-    """A measurement that carries no information: a mask keeping nothing, ``y`` pure noise."""
+    """A measurement that carries no information (a mask keeping nothing), under which every guided
+    solver samples the prior."""
     op = MaskOperator(torch.zeros((m, *oracle.image_shape), dtype=torch.bool), noise_std=0.05)
     return op.measure(torch.zeros((m, *oracle.image_shape)), g), op
 
@@ -125,9 +114,7 @@ def _repro(n: int, what: str) -> str:
     return f"{SAMPLES} samples, N = {n}, {what}"
 
 
-# ----------------------------------------------------------------------------------------------
-# The checks
-# ----------------------------------------------------------------------------------------------
+# ---- The checks ------------------------------------------------------------------------------
 @solver_check
 def check_start_latent_is_first_input(solver_or_factory: Any) -> None:
     """In an equal-start solve at ``0 < k < N`` the first denoiser input of each sample is

@@ -1,15 +1,9 @@
-"""The ``flash-plugin`` command line (argparse).
+"""The ``flash-plugin`` command line (argparse), one subcommand per module of `SUBCOMMAND_MODULES`.
 
-Each subcommand lives in its own module listed in `SUBCOMMAND_MODULES`. A subcommand module
-exposes ``add_parser(subparsers)``, which adds its parser with
-``subparsers.add_parser(name, help=..., description=...)``, declares its arguments and sets
-``parser.set_defaults(func=run)``; ``run(args: argparse.Namespace) -> int | None`` does the work
-and returns the exit status (``None`` means 0). Keep heavy imports (torch, diffusers) inside
-``run`` so that ``flash-plugin --help`` stays fast. To add a subcommand, write
-``flash_plugin/commands/<name>.py`` and append its module name to `SUBCOMMAND_MODULES`.
-
-A `flash_plugin.errors.FlashError` raised by a subcommand is printed as
-``flash-plugin: error: ...`` and exits with status 1; other exceptions keep their traceback.
+A subcommand module defines ``add_parser(subparsers)``, which adds its parser and sets
+``func=run``, and ``run(args) -> int | None``, the exit status (``None``: 0). Heavy imports (torch,
+diffusers) stay inside ``run`` so that ``flash-plugin --help`` is fast. A `FlashError` is printed
+as ``flash-plugin: error: ...`` with exit status 1; other exceptions keep their traceback.
 """
 
 from __future__ import annotations

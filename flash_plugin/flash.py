@@ -3,25 +3,13 @@
     solver = flash(existing_solver, estimator=enc)
     solution = solver(y, operator, generator=torch.Generator().manual_seed(0))
 
-The severity estimator maps ``y`` to ``(ẑ, σ̂²)``; each sample starts at the step ``k*`` whose SNR
-matches ``1/σ̂²`` (`flash_plugin.schedule.select_start_step`) from a noised ``ẑ``
-(`flash_plugin.schedule.start_latent`), and the wrapped solver runs only the remaining ``k*``
-steps. A sample whose ``k* = N`` starts from pure noise, exactly like the unwrapped solver.
-
-Before any work, a call checks what would otherwise give a wrong result without a word
-(each check can be switched off in `FlashConfig`):
-
-* the estimator's operator family (its metadata) against the operator's ``operator_family``;
-* the measurement's scale, where the operator states the range of its output
-  (``output_range``; the built-in operators map ``[-1, 1]`` into ``[-1, 1]``): ``y`` beyond that
-  range by more than ``2 + 10 σ_y`` is a measurement of images on another scale, e.g.
-  ``[0, 255]``. A measurement of ``[0, 1]`` images cannot be told from one of ``[-1, 1]`` images
-  once blurred and noised, so that case is caught where the images are measured
-  (`flash_plugin.operators.base.check_image_range`), not here;
-* the dtype: ``y`` must be real floating point. Where the solver's model declares its dtype
-  (``model.dtype``: `LatentDiffusion` does, float32 for the bundled model), ``y`` is cast to it, so
-  a float64, float16 or bfloat16 ``y`` works, and the reconstruction ``x`` is returned in ``y``'s
-  dtype. A ``y`` the unwrapped solver accepts as it is reaches it unchanged.
+The estimator maps ``y`` to ``(ẑ, σ̂²)``; each sample starts at the step ``k*`` whose SNR matches
+``1/σ̂²``, from a noised ``ẑ`` (`flash_plugin.schedule`), and the wrapped solver runs the remaining
+``k*`` steps; ``k* = N`` starts from pure noise, exactly like the unwrapped solver. Before any work a
+call refuses what would silently give a wrong result (docs/architecture.md, "The Flash core"): an
+estimator of another operator family, a ``y`` far outside the operator's ``output_range``, and a
+``y`` that is not real floating point. ``y`` is cast to the model's declared dtype, if any, and
+``x`` is returned in ``y``'s dtype.
 """
 
 from __future__ import annotations
@@ -52,21 +40,18 @@ class FlashConfig:
     """Options of the Flash wrapper.
 
     Attributes:
-        noise_correction: the paper's ``c`` in ``sqrt(1 − cσ̂²) ẑ + sqrt(cσ̂²) ε`` (1.0–1.2 typical for
-            the paper's models; ``0`` starts from ``ẑ`` itself, as the official code does without c).
-        variance_scale: ``v``, multiplies ``σ̂²`` before anything uses it (the start step *and* the
-            start noise), i.e. a calibration factor for the encoder; the official code's ``var_mult``
-            (z-fabian/flash-diffusion, unused by its shipped configs). ``1`` = the raw ``σ̂²``.
+        noise_correction: the paper's ``c`` in ``sqrt(1 − cσ̂²) ẑ + sqrt(cσ̂²) ε``; ``0`` starts from
+            ``ẑ`` itself.
+        variance_scale: ``v``, multiplies ``σ̂²`` before it sets the start step and the start noise
+            (a calibration factor for the estimator; ``1`` = the raw ``σ̂²``).
         start_mode: ``"noise_correction"`` (the paper) or ``"snr_matched"`` (``a_k ẑ + b_k ε``).
         min_step, max_step: clamps on ``k*`` (``max_step=None`` means ``N``).
-        force_step: ignore ``σ̂²`` and start every sample at this step (ablations; ``N`` = unwrapped).
-        budget: a compute budget, the mean number of steps per sample in each call (NFE for solvers
-            with one denoiser call per step): start steps are allocated by ``σ̂²`` so that the
-            mean is exactly ``round(budget · B) / B`` (`flash_plugin.schedule.allocate_steps`);
-            ``None`` uses the SNR rule.
+        force_step: ignore ``σ̂²`` and start every sample at this step (``N`` = the unwrapped solver).
+        budget: the mean number of steps per sample in each call; start steps are allocated by
+            ``σ̂²`` to meet it exactly (`flash_plugin.schedule.allocate_steps`). ``None``: the SNR rule.
         check_latent_space: refuse an estimator trained for another latent space than the solver's.
-        check_operator_family: refuse an estimator whose metadata names another operator family
-            than the operator's ``operator_family`` (its ``σ̂²`` would be meaningless there).
+        check_operator_family: refuse an estimator trained for another operator family than the
+            operator's ``operator_family``.
         check_measurement_range: refuse a ``y`` far outside the operator's ``output_range``.
     """
 
@@ -202,7 +187,7 @@ class FlashSolver:
                         severity=est.variance.detach(), extras=sol.extras)
 
     def _check_call(self, y: Any, operator: Any) -> torch.dtype:
-        """Validate ``y`` against the operator before any work (see the module docstring); returns ``y.dtype``."""
+        """Validate ``y`` and the estimator against the operator before any work; returns ``y.dtype``."""
         if not isinstance(y, torch.Tensor) or y.ndim < 2:
             raise FlashInputError(f"y must be a batched tensor (B, ...), got {type(y).__name__} {tuple(getattr(y, 'shape', ()))}")
         check_finite_batch("y", y)

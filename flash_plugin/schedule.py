@@ -76,14 +76,11 @@ def allocate_steps(
     max_step: int | None = None,
     fixed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Start steps whose mean is the ``budget`` (steps per sample), ordered like ``σ̂²``.
+    """Start steps with mean exactly ``round(budget · B) / B``, never fewer for a larger ``σ̂²``.
 
-    The steps are ``k*(α σ̂²)`` of `select_start_step` with the one factor ``α`` that brings their
-    sum closest to ``round(budget · B)`` from above, then single steps are taken from the samples
-    with the smallest ``σ̂²`` until the sum is exact: a larger ``σ̂²`` never gets fewer steps, and
-    the mean is exactly ``round(budget · B) / B``. Samples marked in ``fixed`` start at ``N`` and
-    count against the budget (the estimates that carry no signal). For a whole dataset, pass all
-    its ``σ̂²`` at once. For a solver with one denoiser call per step, steps are NFE.
+    The steps are ``k*(α σ̂²)`` with the one factor ``α`` whose sum is closest to the total from
+    above; single steps are then taken from the smallest ``σ̂²`` until it is exact. Samples marked in
+    ``fixed`` (estimates without signal) start at ``N`` and count against the budget.
     """
     v = check_variance(variance).to(torch.float64)
     n = schedule.num_steps
@@ -131,14 +128,12 @@ def start_latent(
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Start latent per sample and the (possibly clamped) start steps.
+    """Start latent per sample and the start steps, moved to ``N`` where the estimate has no signal.
 
-    ``mode="noise_correction"``: ``sqrt(1 − cσ̂²) ẑ + sqrt(cσ̂²) ε`` (``c = 0``: ``ẑ``). When ``cσ̂² ≥ 1`` the estimate
-    carries no signal at that level; such samples start from pure noise at ``k = N`` and a
-    `UserWarning` names them (the paper's code produced NaN there).
-    ``mode="snr_matched"``: ``a_k ẑ + b_k ε`` with ``k`` the given step (the exact marginal).
-    Samples with ``step == 0`` get ``ẑ`` unchanged (nothing to denoise). ``ε`` is ``noise`` when
-    given, else drawn from ``generator`` (one draw per sample).
+    ``mode="noise_correction"``: ``sqrt(1 − cσ̂²) ẑ + sqrt(cσ̂²) ε``; samples with ``cσ̂² ≥ 1`` start
+    from pure noise at ``k = N`` with a `UserWarning` (instead of a NaN). ``mode="snr_matched"``:
+    ``a_k ẑ + b_k ε``, the exact marginal. ``step == 0`` keeps ``ẑ``. ``ε`` is ``noise`` when given,
+    else one draw per sample from ``generator``.
     """
     v = check_variance(variance).to(torch.float64)
     if latent.shape[0] != v.shape[0] or step.shape[0] != v.shape[0]:

@@ -1,8 +1,6 @@
 """Architectures and schedule of the bundled default model (``fashion-mnist-32``).
 
-Sizes follow measured CPU costs (see the model card): a 4-channel 8x8 latent (f = 4) keeps a
-Latent-DPS step (UNet forward+backward and decoder forward+backward) at a few ms per image on
-2 CPU cores, so a 1000-step baseline on a few dozen images finishes in minutes.
+Sized so that guided solvers run on a CPU (docs/design-notes.md, "Bundled model sizes").
 """
 
 from __future__ import annotations

@@ -1,20 +1,9 @@
-"""A small CNN classifier for 1x32x32 Fashion-MNIST: the feature space of FD-FMNIST.
+"""A small CNN classifier for 1x32x32 Fashion-MNIST whose 128-d features define FD-FMNIST.
 
-No Inception (or any ImageNet) backbone is available offline, so flash-plugin trains its own
-classifier and uses its 128-d penultimate-layer features to compare image sets with a Fréchet
-distance (`flash_plugin.metrics.frechet_distance`), reported as **FD-FMNIST**. It is *not*
-Inception FID, and its values are not comparable with published FID numbers.
-
-Architecture (`FashionClassifier`): three blocks ``conv3x3 -> BatchNorm -> ReLU -> maxpool 2``
-(16, 32, 64 channels by default; 32 -> 16 -> 8 -> 4 pixels), flatten, ``linear 1024 -> 128 -> ReLU``
-(the features), dropout, ``linear 128 -> 10``.
-
-Train (fixed seed, CPU, a few minutes on one thread)::
-
-    python -m flash_plugin.models.classifier --out flash_plugin/weights/fashion-mnist-32/classifier
-
-which writes ``model.safetensors``, ``config.json`` and ``metrics.json`` (test accuracy, epochs,
-seed, wall time, command). Load the bundled one with `load_classifier()`.
+With no Inception weights offline, image sets are compared by the Fréchet distance of this
+classifier's penultimate-layer features (`flash_plugin.metrics.frechet_distance`), reported as
+FD-FMNIST: not comparable with published FID numbers. Recipe and accuracy: the classifier's model
+card. Train with ``python -m flash_plugin.models.classifier --out DIR``; load with `load_classifier`.
 """
 
 from __future__ import annotations
@@ -41,7 +30,9 @@ _CONFIG_FIELDS = {"format_version", "class_name", "in_channels", "image_size", "
 
 
 class FashionClassifier(nn.Module):
-    """``forward(x) -> logits [B, num_classes]``; ``features(x) -> [B, feature_dim]`` (post-ReLU)."""
+    """Blocks ``conv3x3 -> BatchNorm -> ReLU -> maxpool 2``, then ``linear -> ReLU`` (the features),
+    dropout and ``linear -> num_classes``. ``forward(x)`` gives logits ``[B, num_classes]``,
+    ``features(x)`` the post-ReLU ``[B, feature_dim]``."""
 
     def __init__(self, in_channels: int = 1, image_size: int = 32, channels: tuple[int, ...] = (16, 32, 64),
                  feature_dim: int = 128, num_classes: int = 10, dropout: float = 0.3):
@@ -77,9 +68,6 @@ class FashionClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-# ---------------------------------------------------------------------------------------------
-# loading / saving
-# ---------------------------------------------------------------------------------------------
 def save_classifier(model: FashionClassifier, out: str | Path, *, class_names: tuple[str, ...] | None = None) -> None:
     from flash_plugin.utils.checkpoint import atomic_save_safetensors, atomic_write_json
 
@@ -92,11 +80,8 @@ def save_classifier(model: FashionClassifier, out: str | Path, *, class_names: t
 
 
 def load_classifier(path: str | Path | None = None, device: str | torch.device = "cpu") -> FashionClassifier:
-    """Load a classifier directory (default: the bundled one) in eval mode.
-
-    Raises `CheckpointError` if ``config.json`` or ``model.safetensors`` is missing, unreadable,
-    truncated, has unknown config fields, or does not match the architecture.
-    """
+    """Load a classifier directory (default: the bundled one) in eval mode; `CheckpointError` if a
+    file is missing, truncated, has unknown config fields or does not match the architecture."""
     from flash_plugin.utils.checkpoint import load_safetensors, read_json_config
 
     d = Path(path) if path is not None else DEFAULT_CLASSIFIER_DIR
@@ -123,9 +108,6 @@ def load_classifier(path: str | Path | None = None, device: str | torch.device =
     return model.to(device).eval()
 
 
-# ---------------------------------------------------------------------------------------------
-# training
-# ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
     """Top-1 accuracy of ``model`` on images ``x`` ``(N, 1, 32, 32)`` with labels ``y``."""
@@ -138,6 +120,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 def train(out: str | Path, *, epochs: int = 4, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
           threads: int = 1, flip: bool = True, channels: tuple[int, ...] = (16, 32, 64), data_root: str | None = None, limit: int | None = None) -> dict:
+    """Train with a fixed seed, save the classifier to ``out`` and return (and write) its metrics."""
     from flash_plugin.data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
     from flash_plugin.utils.checkpoint import atomic_write_json
 

@@ -1,20 +1,11 @@
-"""`LatentDiffusion`: the latent model a solver needs, built from diffusers components.
+"""`LatentDiffusion`: the four things a solver needs from a latent diffusion model, over diffusers parts.
 
-A solver needs four things from a latent diffusion model, and nothing else:
-
-- ``encode(x)``: image ``(B, C, H, W)`` in [-1, 1] -> diffusion latent (scaling and per-channel
-  normalisation included);
-- ``decode(z)``: the inverse, differentiable w.r.t. ``z`` (VQ quantisation is straight-through);
-- ``eps(z, t)``: the UNet's noise prediction at train timesteps ``t`` (LongTensor ``[B]``);
-- ``alphas_cumprod``: ``ᾱ_t`` of the training schedule (float64 ``[T]``).
-
-Latent convention: ``z = (scaling_factor · E(x) − latent_mean) / latent_std`` per channel, where
-``E`` is the autoencoder's deterministic encoding (KL: posterior mode; VQ: pre-quantisation
-output). ``latent_mean = 0, latent_std = 1`` reproduces the plain diffusers convention.
-
-The wrapper never changes the components' weights: they are put in eval mode once, and
-gradients are only ever taken w.r.t. latents (``torch.autograd.grad``), so parameters' ``.grad``
-stay untouched.
+``encode(x)`` maps images ``(B, C, H, W)`` in ``[-1, 1]`` to the diffusion latent ``z = (scaling_factor
+· E(x) − latent_mean) / latent_std`` per channel (``E``: the KL posterior mode or the VQ
+pre-quantisation output; mean 0 and std 1 are the plain diffusers convention); ``decode(z)`` is its
+inverse, differentiable in ``z`` (VQ quantisation straight-through); ``eps(z, t)`` is the UNet's
+noise prediction at train timesteps ``t``; ``alphas_cumprod`` is the float64 ``ᾱ_t`` of training.
+The components are put in eval mode once and their weights are never changed.
 """
 
 from __future__ import annotations

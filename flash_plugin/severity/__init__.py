@@ -1,19 +1,8 @@
-"""Severity encoders: ``y -> (ẑ, σ̂²)`` in a latent diffusion model's latent space.
+"""Severity encoders ``y -> (ẑ, σ̂²)``: the model (encoder.py), its training (train.py), its
+evaluation (evaluate.py) and the bundled encoders (bundled.py), imported on first attribute access.
 
-* `SeverityEncoder` (encoder.py): a trainable copy of the autoencoder's encoder plus a variance
-  head; satisfies `flash_plugin.protocols.SeverityEstimator`; ``save_pretrained`` /
-  ``from_pretrained`` (safetensors + JSON).
-* `train_severity_encoder`, `TrainConfig`, `severity_loss` (train.py): the loss, the resumable,
-  DDP-capable training loop.
-* `evaluate_severity_encoder`, `SeverityReport` (evaluate.py): Spearman, pairwise ordering
-  accuracy, calibration, start steps, scatter plot.
-* `BundledSeverityEncoder` (bundled.py): the bundled model's encoders as registry factories.
-
-Heavy modules are imported lazily (attribute access), so ``import flash_plugin.severity`` is cheap.
-
-Built-in plugin: `flash_register_severity_estimators` registers each bundled encoder under the task
-preset it was trained on (``"gblur-varying"``, ``"nonlinear-blur"``, ``"random-inpainting"``), so
-``flash_plugin.registry.get_severity_estimator("gblur-varying")()`` loads it.
+The built-in plugin registers each bundled encoder under the task preset it was trained on
+(``get_severity_estimator("gblur-varying")()`` loads it).
 """
 
 from __future__ import annotations

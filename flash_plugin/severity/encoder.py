@@ -1,35 +1,12 @@
 """`SeverityEncoder`: measurement ``y`` -> ``(ẑ, σ̂²)`` in a `LatentDiffusion`'s latent space.
 
-Architecture (Fabian et al., "Adapt and Diffuse", ICML 2024; docs/architecture.md, "Severity encoder"):
-
-* **Mean branch.** A trainable copy of the autoencoder's ``encoder`` and ``quant_conv``,
-  initialised from the autoencoder's weights, followed by exactly the `LatentDiffusion` latent
-  convention: KL autoencoders keep the posterior *mean* (the first half of ``quant_conv``'s
-  channels, what ``latent_dist.mode()`` returns), VQ autoencoders the pre-quantisation output;
-  then ``ẑ = (scaling_factor · h − latent_mean) / latent_std`` per channel. Before training,
-  ``ẑ(y) == model.encode(y)`` exactly.
-* **Variance head.** ``σ̂² = exp(log_variance_offset + s(f))`` where ``f`` are the encoder's
-  *mid-block* features (the richest, lowest-resolution features, before the output conv) and
-  ``s`` is ``conv3x3 → SiLU → conv3x3 → SiLU → [spatial mean, spatial std] → linear``. The final
-  linear layer starts at zero, so an untrained head predicts the constant
-  ``exp(log_variance_offset)``; the trainer sets that offset to the mean measured error variance
-  of the initial encoder (see `flash_plugin.severity.train`). ``log σ̂²`` is clamped to
-  ``[-30, 15]`` for numerical safety only.
-
-Why not the official parameterisation. The official code squares a 1x1 conv of ``ẑ`` and averages
-(``σ̂² = mean(conv(ẑ)²)``). A prototype on the 8x8 Fashion-MNIST latent with a head on ``ẑ``
-*collapsed* (Spearman(σ̂², t) = 0.04): the variance term ``(σ̄² − σ̂²)²`` was ≈ 1e-5 next to a
-latent MSE of ≈ 6e-3, so its gradients vanished, and ``ẑ`` itself carries little information about
-how degraded ``y`` was. A head on the mid-block features with an ``exp`` parameterisation reached
-Spearman 0.86. ``exp`` makes the head's output a log-variance, so gradient steps act on relative
-(scale-free) changes, and together with a scale-aware loss (`flash_plugin.severity.train`) the
-head learns at any error scale.
-
-Checkpoints: `save_pretrained` writes ``severity_encoder.safetensors`` (weights) and
-``severity_encoder.json`` (architecture, latent space, operator family, severity range, noise
-level, training data and configuration, metrics); `from_pretrained` refuses unknown config
-fields, truncated weights, missing/unexpected tensors and a latent space that differs from the
-given model's. No pickle anywhere.
+Fabian et al., "Adapt and Diffuse" (ICML 2024); docs/architecture.md, "Severity encoder". The mean
+branch is a trainable copy of the autoencoder's ``encoder`` and ``quant_conv`` followed by the
+`LatentDiffusion` latent convention (KL: the posterior mean; VQ: the pre-quantisation output), so
+that ``ẑ(y) == model.encode(y)`` before training. The variance head reads the encoder's mid-block
+features and predicts ``log σ̂²`` (so ``σ̂² > 0``); its last layer starts at zero, so an untrained
+head predicts ``exp(log_variance_offset)``. Why not the official head on ``ẑ``:
+docs/design-notes.md, "Severity encoder head". Checkpoints are safetensors plus a JSON config.
 """
 
 from __future__ import annotations
@@ -90,7 +67,7 @@ def _jsonable(value: Any) -> Any:
 
 
 class VarianceHead(nn.Module):
-    """``s(f)``: conv3x3 → SiLU → conv3x3 → SiLU → [mean, std over space] → linear → ``[B]``."""
+    """``s(f)``: conv3x3 → SiLU → GroupNorm → conv3x3 → SiLU → [mean, std over space] → linear → ``[B]``."""
 
     def __init__(self, in_channels: int, channels: int = 64):
         super().__init__()
@@ -112,10 +89,8 @@ class VarianceHead(nn.Module):
 
 
 class SeverityEncoder(nn.Module):
-    """Severity encoder over a diffusers autoencoder (see the module docstring).
-
-    Usually built with `from_latent_diffusion` (weights copied from the model's autoencoder) or
-    loaded with `from_pretrained`. ``forward(y)`` returns ``(ẑ, σ̂²)`` with gradients (training);
+    """Severity encoder over a diffusers autoencoder, built with `from_latent_diffusion` or loaded
+    with `from_pretrained`. ``forward(y)`` returns ``(ẑ, σ̂²)`` with gradients (training);
     `estimate` is the `SeverityEstimator` entry point (validated input, no grad).
 
     Args:
@@ -289,10 +264,9 @@ class SeverityEncoder(nn.Module):
         return h, f
 
     def forward(self, y: torch.Tensor, *, detach_head_features: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(ẑ, σ̂²)``: ``ẑ`` ``(B, C, h, w)`` in the normalised diffusion latent space, ``σ̂² > 0`` ``[B]``.
-
-        ``detach_head_features``: the head reads the mid-block features without back-propagating
-        into the shared trunk (training option; the outputs are the same)."""
+        """``(ẑ, σ̂²)``: ``ẑ`` ``(B, C, h, w)`` in the normalised diffusion latent space, ``σ̂² > 0`` ``[B]``
+        (``log σ̂²`` clamped to `LOG_VARIANCE_CLAMP`). ``detach_head_features`` stops the head's
+        gradient at the shared trunk (a training option; the outputs are the same)."""
         h, f = self.features(y)
         z = (h * self.scaling_factor - self.latent_mean) / self.latent_std
         log_var = (self.log_variance_offset + self.head(f.detach() if detach_head_features else f)).clamp(*LOG_VARIANCE_CLAMP)
