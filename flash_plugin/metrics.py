@@ -14,8 +14,10 @@
 * `paired_difference`: mean and standard error of per-image differences of a metric between two
   methods evaluated on the same images.
 * `summarize_nfe`: mean/min/max of a per-sample NFE tensor (``Solution.nfe``).
+* `pearson`, `spearman`: correlations of two sequences (the severity encoder's training and
+  evaluation); NaN where a correlation is undefined (fewer than two values, a constant input).
 
-Every function checks its inputs and raises `flash_plugin.errors.FlashInputError` (a
+The other functions check their inputs and raise `flash_plugin.errors.FlashInputError` (a
 ``ValueError``) with a message naming the problem.
 """
 
@@ -36,7 +38,9 @@ __all__ = [
     "frechet_distance",
     "frechet_distance_from_stats",
     "paired_difference",
+    "pearson",
     "psnr",
+    "spearman",
     "ssim",
     "summarize_nfe",
 ]
@@ -351,3 +355,51 @@ def summarize_nfe(nfe: torch.Tensor | np.ndarray | Sequence[int]) -> dict[str, f
     if torch.any(nfe < 0):
         raise FlashInputError("nfe counts must be non-negative")
     return {"mean": float(nfe.to(torch.float64).mean()), "min": int(nfe.min()), "max": int(nfe.max())}
+
+
+# ---------------------------------------------------------------------------------------------
+# correlations (no scipy needed: training uses them)
+# ---------------------------------------------------------------------------------------------
+def _ranks(a: torch.Tensor) -> torch.Tensor:
+    """Average ranks (ties share their mean rank), float64."""
+    a = a.detach().double().cpu().flatten()
+    order = torch.argsort(a, stable=True)
+    ranks = torch.empty_like(a)
+    ranks[order] = torch.arange(len(a), dtype=torch.float64)
+    sorted_a = a[order]
+    i = 0
+    while i < len(a):
+        j = i
+        while j + 1 < len(a) and sorted_a[j + 1] == sorted_a[i]:
+            j += 1
+        if j > i:
+            ranks[order[i : j + 1]] = (i + j) / 2.0
+        i = j + 1
+    return ranks
+
+
+def pearson(a, b) -> float:
+    """Pearson correlation of two equally long sequences (float64); NaN when undefined."""
+    a = torch.as_tensor(a).detach().double().cpu().flatten()
+    b = torch.as_tensor(b).detach().double().cpu().flatten()
+    if len(a) < 2:
+        return float("nan")
+    a, b = a - a.mean(), b - b.mean()
+    den = (a.square().sum() * b.square().sum()).sqrt()
+    return float((a * b).sum() / den) if den > 0 else float("nan")
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation: ``scipy.stats.spearmanr`` when scipy is installed, else Pearson
+    of the average ranks (the same definition); NaN when undefined (e.g. a constant input)."""
+    a = torch.as_tensor(a).detach().double().cpu().flatten()
+    b = torch.as_tensor(b).detach().double().cpu().flatten()
+    if len(a) < 2:
+        return float("nan")
+    try:
+        from scipy.stats import spearmanr
+    except ImportError:  # pragma: no cover - scipy is optional
+        return pearson(_ranks(a), _ranks(b))
+    if torch.all(a == a[0]) or torch.all(b == b[0]):
+        return float("nan")
+    return float(spearmanr(a.numpy(), b.numpy()).statistic)

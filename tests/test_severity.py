@@ -25,11 +25,10 @@ from flash_plugin.errors import CheckpointError, FlashInputError, LatentSpaceMis
 from flash_plugin.protocols import SeverityEstimator
 from flash_plugin.severity.encoder import CONFIG_NAME, WEIGHTS_NAME, SeverityEncoder
 from flash_plugin.severity.evaluate import calibration, evaluate_severity_encoder, ordering_accuracy, spearman
+from flash_plugin.metrics import _ranks, pearson
 from flash_plugin.severity.train import (
     TrainConfig,
-    _ranks,
     compute_losses,
-    pearson,
     severity_loss,
     train_severity_encoder,
     training_step,

@@ -27,7 +27,10 @@ from typing import Any
 
 import torch
 
-from flash_plugin.severity.train import finite_or_none, measure, pearson, spearman, stream_generator
+from flash_plugin.metrics import pearson, spearman
+from flash_plugin.severity.train import measure
+from flash_plugin.utils.random import stream_generator
+from flash_plugin.utils.training import finite_or_none
 
 __all__ = [
     "SeverityReport",
