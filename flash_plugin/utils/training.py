@@ -200,6 +200,8 @@ class TrainingRun:
         self.dist = dist or Distributed()
         self.state_path = self.out / STATE_NAME
         self.log = JsonlLog(self.out / LOG_NAME, enabled=self.dist.is_main)
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
 
     def has_state(self) -> bool:
         return self.state_path.exists()
