@@ -21,6 +21,7 @@ against the severity, and ``σ̂²`` against ``σ̄²``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,27 @@ def _run(estimator, model, family, x_all: torch.Tensor, t_all: torch.Tensor, see
     return torch.cat(vh), torch.cat(vb), torch.cat(mse), torch.cat(psnr)
 
 
+def _start_steps(k: torch.Tensor, schedule) -> dict[str, Any]:
+    return {"min": int(k.min()), "median": int(k.median()), "max": int(k.max()), "mean": float(k.double().mean()),
+            "num_steps": schedule.num_steps}
+
+
+def _task_range_metrics(run, family, images: torch.Tensor, seed: int, schedule) -> dict[str, Any] | None:
+    """The numbers at the family's own severity range (e.g. 70-80 % missing pixels), the start
+    steps a benchmark of that task will see; ``None`` when the range is the full ``[0, 1]``."""
+    from flash_plugin.schedule import select_start_step
+
+    rng = getattr(family, "severity_range", None)
+    if rng is None or tuple(float(r) for r in rng) == (0.0, 1.0):
+        return None
+    lo, hi = (float(r) for r in rng)
+    t = lo + (hi - lo) * torch.rand(len(images), generator=stream_generator(seed, "eval-range-t", 0), dtype=torch.float64)
+    var_hat, var_bar, mse, _ = run(images, t, seed, "eval-range")
+    return {"severity_range": [lo, hi], "sigma_hat_mean": float(var_hat.mean()), "sigma_bar_mean": float(var_bar.mean()),
+            "latent_mse": float(mse.mean()), "calibration": calibration(var_hat, var_bar),
+            "start_step": _start_steps(select_start_step(schedule, var_hat), schedule)}
+
+
 def evaluate_severity_encoder(
     estimator,
     model,
@@ -160,23 +182,19 @@ def evaluate_severity_encoder(
         device: where to run (default: the estimator's device, else the model's).
         plot: write the scatter plot there (PNG) when given.
     """
-    if device is None:
-        device = getattr(estimator, "device", None) or getattr(model, "device", "cpu")
-    device = torch.device(device)
-    n = len(images)
-    t = torch.rand(n, generator=stream_generator(seed, "eval-t", 0), dtype=torch.float64)
-    var_hat, var_bar, mse, psnr = _run(estimator, model, family, images, t, seed, "eval", batch_size, device)
     from flash_plugin.schedule import select_start_step
 
+    if device is None:
+        device = getattr(estimator, "device", None) or getattr(model, "device", "cpu")
+    run = functools.partial(_run, estimator, model, family, batch_size=batch_size, device=torch.device(device))
+    n = len(images)
+    t = torch.rand(n, generator=stream_generator(seed, "eval-t", 0), dtype=torch.float64)
+    var_hat, var_bar, mse, psnr = run(images, t, seed, "eval")
     schedule = _schedule_for(model, num_steps)
     k = select_start_step(schedule, var_hat)
     m = n if n_ordering is None else min(n, n_ordering)
     grid = torch.linspace(0, 1, 10, dtype=torch.float64)
-    x_ord = images[:m].repeat_interleave(10, dim=0)
-    t_ord = grid.repeat(m)
-    ord_hat, _, _, _ = _run(estimator, model, family, x_ord, t_ord, seed, "eval-ordering", batch_size, device)
-    ord_hat = ord_hat.view(m, 10)
-    kf = k.double()
+    ord_hat = run(images[:m].repeat_interleave(10, dim=0), grid.repeat(m), seed, "eval-ordering")[0].view(m, 10)
     metrics = {
         "n_images": n,
         "spearman_severity": spearman(var_hat, t),
@@ -189,26 +207,11 @@ def evaluate_severity_encoder(
         "sigma_bar": {"mean": float(var_bar.mean()), "min": float(var_bar.min()), "max": float(var_bar.max())},
         "latent_mse": float(mse.mean()),
         "decoded_psnr_db": float(psnr.mean()),
-        "start_step": {"min": int(k.min()), "median": int(k.median()), "max": int(k.max()), "mean": float(kf.mean()),
-                       "num_steps": schedule.num_steps},
+        "start_step": _start_steps(k, schedule),
     }
-    rng = getattr(family, "severity_range", None)
-    if rng is not None and tuple(float(r) for r in rng) != (0.0, 1.0):
-        # The task's own evaluation severities (e.g. 70-80 % missing pixels): the start steps a
-        # benchmark of that task will see.
-        lo, hi = (float(r) for r in rng)
-        t_r = lo + (hi - lo) * torch.rand(n, generator=stream_generator(seed, "eval-range-t", 0), dtype=torch.float64)
-        vh_r, vb_r, mse_r, _ = _run(estimator, model, family, images, t_r, seed, "eval-range", batch_size, device)
-        k_r = select_start_step(schedule, vh_r)
-        metrics["task_range"] = {
-            "severity_range": [lo, hi],
-            "sigma_hat_mean": float(vh_r.mean()),
-            "sigma_bar_mean": float(vb_r.mean()),
-            "latent_mse": float(mse_r.mean()),
-            "calibration": calibration(vh_r, vb_r),
-            "start_step": {"min": int(k_r.min()), "median": int(k_r.median()), "max": int(k_r.max()),
-                           "mean": float(k_r.double().mean()), "num_steps": schedule.num_steps},
-        }
+    task_range = _task_range_metrics(run, family, images, seed, schedule)
+    if task_range is not None:
+        metrics["task_range"] = task_range
     meta = getattr(estimator, "metadata", {}) or {}
     info = {"operator": getattr(family, "name", type(family).__name__), "encoder_operator": meta.get("operator"),
             "latent_id": meta.get("latent_id"), "seed": seed}
