@@ -146,6 +146,20 @@ def validate(args: argparse.Namespace) -> None:
     _args.check_preset("--operator", args.operator)
 
 
+def train_config(args: argparse.Namespace):
+    """The `TrainConfig` the arguments describe."""
+    from flash_plugin.severity.train import TrainConfig
+
+    return TrainConfig(
+        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
+        lambda_sigma=args.lambda_sigma, lambda_img=args.lambda_img, variance_loss=args.variance_loss,
+        detach_target_variance=args.detach_target_variance, detach_head_features=args.detach_head_features,
+        grad_clip=args.grad_clip, head_channels=args.head_channels, seed=args.seed, patience=args.patience or None,
+        max_minutes=args.max_minutes, max_steps=args.max_steps, device=args.device, progress=not args.quiet,
+        log_every=args.log_every,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     validate(args)
 
@@ -153,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
 
     from flash_plugin.models.latent_diffusion import LatentDiffusion
     from flash_plugin.severity.evaluate import evaluate_severity_encoder, format_report
-    from flash_plugin.severity.train import TrainConfig, train_severity_encoder
+    from flash_plugin.severity.train import train_severity_encoder
     from flash_plugin.utils.checkpoint import atomic_write_json
 
     if args.threads:
@@ -165,13 +179,7 @@ def run(args: argparse.Namespace) -> int:
     model = LatentDiffusion.from_pretrained(model_dir)
     preset = load_preset(args.operator, model, args.noise_std)
     train, val, ev = load_images(args.data, model, train_limit=args.train_limit, val_size=args.val_size, eval_size=args.eval_size)
-    config = TrainConfig(
-        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
-        lambda_sigma=args.lambda_sigma, lambda_img=args.lambda_img, variance_loss=args.variance_loss,
-        detach_target_variance=args.detach_target_variance, detach_head_features=args.detach_head_features, grad_clip=args.grad_clip, head_channels=args.head_channels,
-        seed=args.seed, patience=args.patience or None, max_minutes=args.max_minutes, max_steps=args.max_steps,
-        device=args.device, progress=not args.quiet, log_every=args.log_every,
-    )
+    config = train_config(args)
     training_data = {"dataset": "fashion-mnist", "split": "train", "images": len(train),
                      "validation": f"test[{10000 - len(val)}:]" if len(val) else None, "model": model_dir.name}
     encoder = None

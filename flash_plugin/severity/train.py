@@ -36,6 +36,7 @@ the same global batch and trains on its own slice of it, validates on the whole 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import sys
 import warnings
@@ -50,7 +51,7 @@ from flash_plugin.metrics import spearman as _spearman
 from flash_plugin.severity.encoder import SeverityEncoder
 from flash_plugin.utils.checkpoint import atomic_write_json
 from flash_plugin.utils.random import stream_seed as _stream_seed
-from flash_plugin.utils.training import (
+from flash_plugin.utils.training import (  # noqa: F401  (LOG_NAME: the log's file name, as before)
     LOG_NAME,
     STATE_NAME,
     Distributed,
@@ -85,8 +86,6 @@ def __getattr__(name: str) -> Any:
     if name in _MOVED:
         module, new = _MOVED[name]
         warnings.warn(f"flash_plugin.severity.train.{name} moved to {module}.{new}", DeprecationWarning, stacklevel=2)
-        import importlib
-
         return getattr(importlib.import_module(module), new)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
