@@ -41,6 +41,7 @@ __all__ = [
     "finite_or_none",
     "frozen",
     "progress_bar",
+    "setup_distributed",
     "step_generator",
 ]
 
