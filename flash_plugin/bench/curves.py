@@ -1,0 +1,364 @@
+"""Quality against compute: Flash, fixed start steps and compute budgets on the same images.
+
+For one (task, solver) pair, every *setting* reconstructs the same measurements (per-image seeds
+from the images' absolute indices, so batching never changes a draw):
+
+- ``fixed:k``: every image starts at step ``k`` (``FlashConfig(force_step=k)``, the tuned
+  start-latent rule), ``k = N`` being the solver from noise;
+- ``flash:c=…,v=…``: Flash's σ̂² → k rule with noise correction ``c`` and variance scale ``v``;
+- ``budget:b``: Flash with a mean of ``b`` steps per image over the whole set
+  (`flash_plugin.schedule.allocate_steps`);
+- ``ae``: the decoded encoder estimate (0 NFE).
+
+Each setting records per-image PSNR, SSIM, NFE and start step, its mean, its wall time, and the
+FD-FMNIST of its reconstructions against the clean images. `compare_at_equal_nfe` sets a point
+against the fixed-start curve interpolated (linearly in log NFE, per image) at the point's mean
+NFE: a paired PSNR/SSIM difference with its standard error, and an FD difference with a paired
+bootstrap standard error over images. The run is resumable: the JSON is rewritten after each
+setting, and settings already in it are skipped. Reconstructions are cached as 8-bit images next
+to it (``<name>.images.safetensors``) so that FD comparisons can be recomputed.
+
+    python -m flash_plugin.bench.curves --task gblur-varying --solver latent-dps --n-images 64 \\
+        --fixed 10 25 50 100 200 --c 0 0.5 1 1.2 --budgets 25 50 100 --out results/fashion-mnist-32/curves
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flash_plugin.errors import FlashInputError
+
+KINDS = ("fixed", "flash", "budget", "ae")
+
+
+def setting_label(kind: str, **params: float) -> str:
+    """``fixed:25``, ``budget:50``, ``flash:c=1,v=2``, ``ae``."""
+    if kind == "ae":
+        return "ae"
+    if kind in ("fixed", "budget"):
+        (v,) = params.values()
+        return f"{kind}:{v:g}"
+    return "flash:" + ",".join(f"{k}={v:g}" for k, v in params.items())
+
+
+def beyond_range(task: str, level: float) -> dict:
+    """The ``severity_override`` of `run_curves` for a robustness run: every image at one severity
+    ``level``, which may lie beyond the range the encoder was trained on. Blur tasks: ``level``
+    times the largest blur of the preset (its std, or its camera-shake path length);
+    inpainting: ``level`` is the fraction of missing pixels (the preset covers 0.7–0.8)."""
+    from flash_plugin.operators.gaussian_blur import DEFAULT_STD_RANGE
+    from flash_plugin.operators.nonlinear_blur import DEFAULT_LENGTH_RANGE
+
+    if not (level > 0 and level < float("inf")):
+        raise FlashInputError(f"a severity level must be a finite positive number, got {level}")
+    if task in ("gblur-varying", "gblur-fixed"):
+        hi = DEFAULT_STD_RANGE[1] * level
+        return {"t": 1.0, "level": level, "family_kwargs": {"std_range": [hi, hi]}}
+    if task == "nonlinear-blur":
+        hi = DEFAULT_LENGTH_RANGE[1] * level
+        return {"t": 1.0, "level": level, "family_kwargs": {"length_range": [hi, hi]}}
+    if task == "random-inpainting":
+        if level > 1:
+            raise FlashInputError(f"the missing fraction must lie in (0, 1], got {level}")
+        return {"t": 1.0, "level": level, "family_kwargs": {"max_missing": level}}
+    raise FlashInputError(f"no robustness levels defined for task {task!r}")
+
+
+def _interp_weights(nfe_grid: np.ndarray, target: float) -> tuple[int, int, float]:
+    """Indices ``(i, j)`` of the grid points around ``target`` and the weight of ``j``,
+    linear in ``log(nfe)``; ``target`` must lie within the grid."""
+    order = np.argsort(nfe_grid)
+    g = nfe_grid[order]
+    if not g[0] <= target <= g[-1]:
+        raise ValueError(f"mean NFE {target:.1f} lies outside the fixed-start grid [{g[0]:.0f}, {g[-1]:.0f}]")
+    j = int(np.searchsorted(g, target))
+    if g[j] == target:
+        return int(order[j]), int(order[j]), 0.0
+    i = j - 1
+    w = (math.log(target) - math.log(g[i])) / (math.log(g[j]) - math.log(g[i]))
+    return int(order[i]), int(order[j]), float(w)
+
+
+def compare_at_equal_nfe(result: dict, label: str, features: dict[str, np.ndarray] | None = None, *,
+                         n_boot: int = 200, seed: int = 0) -> dict:
+    """``label`` minus the fixed-start curve at ``label``'s mean NFE.
+
+    PSNR and SSIM: per image, the two fixed settings around the mean NFE are interpolated
+    linearly in log NFE; the paired mean difference and its standard error follow. FD-FMNIST
+    (when ``features`` holds each setting's classifier features and ``"clean"``): the
+    difference of the Fréchet distances, with a standard error from a paired bootstrap over
+    images (the same resampled images for every setting).
+    """
+    from flash_plugin.metrics import frechet_distance
+
+    settings = result["settings"]
+    fixed = sorted((s for s in settings.values() if s["kind"] == "fixed"), key=lambda s: s["mean_nfe"])
+    if len(fixed) < 2:
+        raise ValueError("the comparison needs at least two fixed-start settings")
+    nfe = np.array([s["mean_nfe"] for s in fixed], dtype=float)
+    point = settings[label]
+    i, j, w = _interp_weights(nfe, point["mean_nfe"])
+    out: dict[str, Any] = {"label": label, "mean_nfe": point["mean_nfe"], "between": [fixed[i]["label"], fixed[j]["label"]],
+                           "weight": w}
+    for metric in ("psnr", "ssim"):
+        a = np.asarray(point["per_image"][metric])
+        ref = (1 - w) * np.asarray(fixed[i]["per_image"][metric]) + w * np.asarray(fixed[j]["per_image"][metric])
+        d = a - ref
+        out[metric] = {"point": float(a.mean()), "fixed_curve": float(ref.mean()), "diff": float(d.mean()),
+                       "se": float(d.std(ddof=1) / math.sqrt(len(d)))}
+    if features is not None and all(k in features for k in (label, fixed[i]["label"], fixed[j]["label"], "clean")):
+        fa, fi, fj, fc = (features[k] for k in (label, fixed[i]["label"], fixed[j]["label"], "clean"))
+
+        def diff(idx: np.ndarray) -> tuple[float, float]:
+            p = frechet_distance(fa[idx], fc[idx])
+            ref = (1 - w) * frechet_distance(fi[idx], fc[idx]) + w * frechet_distance(fj[idx], fc[idx])
+            return p, ref
+
+        p, ref = diff(np.arange(len(fa)))
+        rng = np.random.default_rng(seed)
+        boots = [np.subtract(*diff(rng.integers(0, len(fa), len(fa)))) for _ in range(n_boot)]
+        out["fd_fmnist"] = {"point": p, "fixed_curve": ref, "diff": p - ref, "se": float(np.std(boots, ddof=1)),
+                            "n_boot": n_boot}
+    return out
+
+
+def _images_path(json_path: Path) -> Path:
+    return json_path.with_suffix(".images.safetensors")
+
+
+def _load_images(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path) if path.is_file() else {}
+
+
+def _save_images(path: Path, images: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in images.items()}, tmp)
+    tmp.replace(path)
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def _from_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float32) / 127.5 - 1
+
+
+def run_curves(
+    task: str,
+    solver: str,
+    *,
+    n_images: int = 64,
+    offset: int = 0,
+    split: str = "test",
+    seed: int = 0,
+    fixed: tuple[int, ...] = (10, 25, 50, 100, 200),
+    flash_settings: tuple[tuple[float, float], ...] = (),
+    budgets: tuple[float, ...] = (),
+    include_tuned: bool = True,
+    include_ae: bool = True,
+    severity_override: dict | None = None,
+    batch_size: int = 64,
+    data: str | None = None,
+    device: str = "cpu",
+    out: str | Path = "flash-curves",
+    name: str | None = None,
+    progress: bool = False,
+    n_boot: int = 200,
+    log=print,
+) -> dict:
+    """Run every setting not yet in ``out/<name>.json`` and return the whole result.
+
+    ``flash_settings`` are ``(c, v)`` pairs; the tuned pair of the solver's table is added when
+    ``include_tuned``. ``severity_override`` replaces the preset's severities and operator
+    arguments (robustness runs): ``{"t": float, "family_kwargs": {...}}``.
+    """
+    from flash_plugin.bench.reconstruct import build_solver, run_task
+    from flash_plugin.data.fashion_mnist import FashionMNISTNotFound, load_fashion_mnist
+    from flash_plugin.flash import FlashConfig
+    from flash_plugin.metrics import ClassifierFeatures
+    from flash_plugin.models import load_default_model, load_test_images
+    from flash_plugin.registry import get_operator
+    from flash_plugin.utils.checkpoint import atomic_write_json
+
+    try:
+        images, _ = load_fashion_mnist(split, data)
+        source = f"Fashion-MNIST {split} split"
+    except FashionMNISTNotFound:
+        if data is not None or split != "test":
+            raise FlashInputError(f"--data {data}: holds no Fashion-MNIST IDX files") from None
+        images, _ = load_test_images()
+        source = "the 64 bundled test images (Fashion-MNIST data not found)"
+    if offset + n_images > len(images):
+        raise FlashInputError(f"offset {offset} + n_images {n_images} go past the {len(images)} images of {source}")
+    clean = images[offset: offset + n_images].to(device)
+    index = list(range(offset, offset + n_images))
+    preset = get_operator(task)
+    if severity_override:
+        preset = preset.replace(family_kwargs={**preset.family_kwargs, **severity_override.get("family_kwargs", {})},
+                                severity_range=(severity_override["t"], severity_override["t"]))
+    severities = preset.sample_severity(n_images, torch.Generator().manual_seed(seed)).to(torch.float32).to(device)
+    model_set = load_default_model(device=device)
+    _, tuned_config, hparams = build_solver(solver, model_set.latent_diffusion, task)
+    n_steps = build_solver(solver, model_set.latent_diffusion, task)[0].schedule.num_steps
+    for k in fixed:
+        if not 1 <= k <= n_steps:
+            raise FlashInputError(f"fixed start step {k} must lie in 1..{n_steps} (the solver's N)")
+
+    name = name or f"curves_{task}_{solver}"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    meta = {"task": task, "solver": solver, "split": split, "n_images": n_images, "offset": offset, "seed": seed, "source": source,
+            "num_steps": n_steps, "hparams": hparams, "severities": severities.cpu().tolist(),
+            "severity_override": severity_override or None}
+    result: dict = {"meta": meta, "settings": {}}
+    if path.is_file():
+        old = json.loads(path.read_text())
+        old["meta"].setdefault("split", "test")
+        if old.get("meta") != json.loads(json.dumps(meta)):
+            raise FlashInputError(f"{path} holds a run of other images, seeds or settings; give another --out or --name")
+        result = old
+    cached = _load_images(_images_path(path))
+
+    plan: list[tuple[str, str, dict, FlashConfig | None]] = []
+    c0, v0 = tuned_config.noise_correction, tuned_config.variance_scale
+    if include_ae:
+        plan.append(("ae", "ae", {}, None))
+    for k in fixed:
+        plan.append((setting_label("fixed", k=k), "fixed", {"k": k, "c": c0, "v": v0},
+                     FlashConfig(force_step=k, noise_correction=c0, variance_scale=v0)))
+    pairs = list(flash_settings) + ([(c0, v0)] if include_tuned else [])
+    for c, v in dict.fromkeys(pairs):
+        plan.append((setting_label("flash", c=c, v=v), "flash", {"c": c, "v": v, "tuned": (c, v) == (c0, v0)},
+                     FlashConfig(noise_correction=c, variance_scale=v)))
+    for b in budgets:
+        plan.append((setting_label("budget", b=b), "budget", {"budget": b, "c": c0, "v": v0},
+                     FlashConfig(budget=b, noise_correction=c0, variance_scale=v0)))
+
+    for label, kind, params, config in plan:
+        if label in result["settings"] and label in cached:
+            continue
+        t0 = time.perf_counter()
+        recs = []
+        method = "ae" if kind == "ae" else "flash"
+        for i in range(0, n_images, n_images if kind == "budget" else batch_size):
+            # A budget is a mean over the whole set: one call sees every σ̂².
+            j = n_images if kind == "budget" else min(i + batch_size, n_images)
+            run = run_task(task, model_set, clean[i:j], severities[i:j], solver_name=solver, methods=(method,),
+                           seed=seed, flash_config=config, progress=progress, image_index=index[i:j],
+                           **({"preset": preset} if severity_override else {}))
+            recs.extend(run.by_method(method))
+        wall = time.perf_counter() - t0
+        x = torch.stack([r.x for r in recs])
+        cached[label] = _to_uint8(x)
+        per = {m: [getattr(r, m) for r in recs] for m in ("psnr", "ssim", "nfe", "start_step")}
+        result["settings"][label] = {
+            "label": label, "kind": kind, "params": params,
+            "psnr": float(np.mean(per["psnr"])), "ssim": float(np.mean(per["ssim"])),
+            "mean_nfe": float(np.mean(per["nfe"])), "wall_s": wall,
+            "per_image": per,
+        }
+        _save_images(_images_path(path), cached)
+        atomic_write_json(path, result)
+        log(f"[curves] {task} {solver} {label:<22} PSNR {result['settings'][label]['psnr']:6.2f}  "
+            f"SSIM {result['settings'][label]['ssim']:.3f}  NFE {result['settings'][label]['mean_nfe']:7.1f}  {wall:6.0f} s")
+
+    # The raw σ̂² of every image (the same for every setting: one encoder pass on the measurements).
+    from flash_plugin.bench.reconstruct import ENCODER_FOR_TASK, degrade
+
+    if task in ENCODER_FOR_TASK:
+        _, y = degrade(preset, clean, severities, seed, index)
+        with torch.no_grad():
+            result["sigma2"] = model_set.severity_encoder(ENCODER_FOR_TASK[task]).estimate(y).variance.cpu().tolist()
+    feats = ClassifierFeatures()
+    features = {"clean": feats(clean.cpu()).numpy()}
+    features.update({k: feats(_from_uint8(v)).numpy() for k, v in cached.items() if k in result["settings"]})
+    from flash_plugin.metrics import frechet_distance
+    for label, s in result["settings"].items():
+        s["fd_fmnist"] = frechet_distance(features[label], features["clean"])
+    result["compare"] = {}
+    fixed_n = sum(s["kind"] == "fixed" for s in result["settings"].values())
+    for label, s in result["settings"].items():
+        if s["kind"] in ("flash", "budget") and fixed_n >= 2:
+            try:
+                result["compare"][label] = compare_at_equal_nfe(result, label, features, seed=seed, n_boot=n_boot)
+            except ValueError as exc:
+                result["compare"][label] = {"label": label, "mean_nfe": s["mean_nfe"], "error": str(exc)}
+    atomic_write_json(path, result)
+    return result
+
+
+def _floats(values: list[str], what: str) -> tuple[float, ...]:
+    out = []
+    for v in values:
+        try:
+            out.append(float(v))
+        except ValueError:
+            raise FlashInputError(f"{what}: {v!r} is not a number") from None
+    return tuple(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m flash_plugin.bench.curves", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="gblur-varying")
+    p.add_argument("--solver", default="latent-dps")
+    p.add_argument("--n-images", type=int, default=64)
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--split", default="test", choices=["train", "test"], help="Fashion-MNIST split (default test)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fixed", nargs="*", type=int, default=[10, 25, 50, 100, 200], help="fixed start steps")
+    p.add_argument("--c", nargs="*", default=[], help="noise corrections c of extra Flash settings (tuned v)")
+    p.add_argument("--v", nargs="*", default=[], help="variance scales v of extra Flash settings (tuned c)")
+    p.add_argument("--budgets", nargs="*", default=[], help="mean steps per image of budget settings")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--data", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--beyond", type=float, default=None, metavar="LEVEL",
+                   help="robustness: every image at one severity LEVEL (blur: times the preset's largest blur; "
+                        "inpainting: the missing fraction), see beyond_range")
+    p.add_argument("--out", default="flash-curves")
+    p.add_argument("--name", default=None, help="output name (default curves_<task>_<solver>)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from flash_plugin.bench.reconstruct import build_solver
+    from flash_plugin.models import load_default_model
+
+    _, tuned, _ = build_solver(args.solver, load_default_model().latent_diffusion, args.task)
+    settings = [(c, tuned.variance_scale) for c in _floats(args.c, "--c")]
+    settings += [(tuned.noise_correction, v) for v in _floats(args.v, "--v")]
+    result = run_curves(args.task, args.solver, n_images=args.n_images, offset=args.offset, split=args.split, seed=args.seed,
+                        fixed=tuple(args.fixed), flash_settings=tuple(settings), budgets=_floats(args.budgets, "--budgets"),
+                        batch_size=args.batch_size, data=args.data, device=args.device, out=args.out,
+                        name=args.name or (None if args.beyond is None else f"robust_{args.task}_{args.solver}_{args.beyond:g}"),
+                        severity_override=None if args.beyond is None else beyond_range(args.task, args.beyond))
+    print(json.dumps({k: {m: v[m] for m in ("psnr", "ssim", "mean_nfe", "fd_fmnist")} for k, v in result["settings"].items()}, indent=1))
+    for label, c in result["compare"].items():
+        if "error" in c:
+            print(f"{label}: {c['error']}")
+            continue
+        fd = c.get("fd_fmnist", {})
+        print(f"{label:<22} NFE {c['mean_nfe']:6.1f}  PSNR vs fixed {c['psnr']['diff']:+.3f} ± {c['psnr']['se']:.3f}  "
+              f"SSIM {c['ssim']['diff']:+.4f} ± {c['ssim']['se']:.4f}  FD {fd.get('diff', float('nan')):+.2f} ± {fd.get('se', float('nan')):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
