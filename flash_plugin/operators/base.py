@@ -15,14 +15,9 @@ value that exceeds 1.05 (``[0, 255]`` images). A batch in ``[0, 1]`` cannot be t
 ``[-1, 1]`` one with certainty, so it gets an `ImageRangeWarning` instead. `forward` checks no range:
 solvers call it on decoded estimates, which may overshoot.
 
-Randomness. Everything random (masks, kernels, noise) is drawn from the caller's generator. A
-``generator`` argument may be
-
-* ``None``: torch's global generator;
-* one ``torch.Generator``: the whole batch is drawn from it in one go;
-* a sequence of ``B`` generators: sample ``i`` is drawn from ``generator[i]`` alone, so a batch
-  equals its samples built one by one with the same per-sample generators (docs/architecture.md,
-  "Conventions").
+Randomness. Everything random (masks, kernels, noise) is drawn from the caller's generator
+(``None``, one, or one per sample) by `flash_plugin.utils.random.rand` / ``randn``, so a batch equals
+its samples built one by one with the same per-sample generators (docs/architecture.md, "Conventions").
 """
 
 from __future__ import annotations
@@ -31,14 +26,13 @@ import copy
 import math
 import warnings
 from collections.abc import Sequence
-from typing import ClassVar, Union
+from typing import ClassVar
 
 import torch
 
-from flash_plugin.utils.validation import check_nonnegative
 from flash_plugin.errors import FlashInputError
-
-GeneratorLike = Union[torch.Generator, Sequence[torch.Generator], None]
+from flash_plugin.utils.random import GeneratorLike, rand, randn
+from flash_plugin.utils.validation import check_nonnegative
 
 __all__ = [
     "BaseOperator",
@@ -57,41 +51,6 @@ IMAGE_RANGE_HINT = "convert images in [0, 255] with x / 127.5 - 1 and images in 
 
 class ImageRangeWarning(UserWarning):
     """An image batch lies in ``[0, 1]``: possibly images on the wrong scale (see `check_image_range`)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Random draws from a caller's generator (one, one per sample, or the global one)
-# ----------------------------------------------------------------------------------------------
-def _generators(generator: GeneratorLike, batch_size: int) -> list[torch.Generator] | None:
-    """Per-sample generator list, or ``None`` when the batch is drawn in one go."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return None
-    gens = list(generator)
-    if len(gens) != batch_size:
-        raise FlashInputError(f"generator: got {len(gens)} generators for a batch of {batch_size} samples")
-    if not all(isinstance(g, torch.Generator) for g in gens):
-        raise FlashInputError("generator must be a torch.Generator, a sequence of them (one per sample) or None")
-    return gens
-
-
-def _draw(fn, generator: GeneratorLike, batch_size: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    shape = tuple(int(s) for s in shape)
-    gens = _generators(generator, batch_size)
-    if gens is None:
-        device = generator.device if isinstance(generator, torch.Generator) else None
-        return fn((batch_size, *shape), generator=generator, device=device, dtype=dtype)
-    draws = [fn((1, *shape), generator=g, device=g.device, dtype=dtype) for g in gens]
-    return torch.cat([d.to(draws[0].device) for d in draws])
-
-
-def randn(generator: GeneratorLike, batch_size: int, shape: Sequence[int], dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Standard normal draws of shape ``(batch_size, *shape)`` on the generator's device."""
-    return _draw(torch.randn, generator, batch_size, shape, dtype)
-
-
-def rand(generator: GeneratorLike, batch_size: int, shape: Sequence[int], dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Uniform ``[0, 1)`` draws of shape ``(batch_size, *shape)`` on the generator's device."""
-    return _draw(torch.rand, generator, batch_size, shape, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
