@@ -440,7 +440,7 @@ class CompVisAdapter:
         check_generators(generator, batch)
         steps, latents = start_of(start, generator, self.schedule, batch, shape, device, y.dtype)
         seeds = sample_seeds(generator, batch)
-        from flash_plugin.solvers.base import select_operator
+        from flash_plugin.utils.batch import select_operator
 
         if rng_state is not None and len(rng_state) != batch:
             raise FlashInputError(f"rng_state needs one state per sample ({batch}), got {len(rng_state)}")

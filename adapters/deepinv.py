@@ -203,7 +203,7 @@ class DeepinvAdapter:
         check_generators(generator, batch)
         steps, latents = start_of(start, generator, self.schedule, batch, shape, y.device, y.dtype)
         seeds = sample_seeds(generator, batch)
-        from flash_plugin.solvers.base import select_operator
+        from flash_plugin.utils.batch import select_operator
 
         calls = [0]
         hook = self.denoiser.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1)) \

@@ -167,7 +167,7 @@ class DPSAdapter:
         if rng_state is not None and len(rng_state) != batch:
             raise FlashInputError(f"rng_state needs one state per sample ({batch}), got {len(rng_state)}")
         seeds = sample_seeds(generator, batch)
-        from flash_plugin.solvers.base import select_operator
+        from flash_plugin.utils.batch import select_operator
 
         outs, nfe, trajs, states = [], [], [], []
         for i in range(batch):

@@ -29,8 +29,8 @@ from flash_plugin.errors import (
 )
 from flash_plugin.protocols import LatentModelSolver, MixedStartSolver, SeverityEstimator, Solver
 from flash_plugin.schedule import allocate_steps, select_start_step, start_latent
-from flash_plugin.solvers.base import select_operator
 from flash_plugin.types import NoiseSchedule, SeverityEstimate, Solution, StartPoint
+from flash_plugin.utils.batch import select_operator
 from flash_plugin.utils.random import GeneratorLike, check_generators, randn_per_sample, subset_generators
 from flash_plugin.utils.validation import check_finite_batch
 

@@ -23,8 +23,9 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from flash_plugin.errors import FlashInputError, OperatorCapabilityError
+from flash_plugin.errors import FlashInputError
 from flash_plugin.types import NoiseSchedule, Solution, StartPoint
+from flash_plugin.utils.batch import select_operator  # re-exported: its home is flash_plugin.utils.batch
 from flash_plugin.utils.random import GeneratorLike, check_generators, randn_per_sample, subset_generators
 
 
@@ -46,19 +47,6 @@ def train_timesteps(num_train: int, num_steps: int) -> torch.Tensor:
     stride = num_train // num_steps
     ts = torch.arange(0, num_train, stride)[:num_steps] + 1
     return ts.clamp(max=num_train - 1).flip(0)
-
-
-def select_operator(operator: Any, index: torch.Tensor, batch_size: int) -> Any:
-    """The operator restricted to the samples in ``index`` (the operator itself if all are kept)."""
-    if operator is None or (len(index) == batch_size and torch.equal(index.cpu(), torch.arange(batch_size))):
-        return operator
-    select = getattr(type(operator), "select", None)
-    if select is None:
-        raise OperatorCapabilityError(
-            f"{type(operator).__name__} has no select(index): a batch whose samples start at different steps "
-            "needs per-sample operators. Give the operator a select(index) method or solve samples with equal starts together."
-        )
-    return operator.select(index)
 
 
 @dataclass
