@@ -17,13 +17,7 @@ Update (DDPM over all train timesteps, ``η = 1``; one UNet call per step)::
 
 Gradients flow through the UNet, the decoder and the encoder.
 
-Hyperparameters per task (ζ, γ and the Flash noise correction c; the paper's official FFHQ
-configs). The authoritative table, with the values re-tuned for the bundled model, is `flash_plugin.solvers.hparams`:
-
-    gblur-varying       ζ = 3.0    γ = 0.05   c = 1.2
-    gblur-fixed         ζ = 2.0    γ = 0.05   c = 1.0
-    nonlinear-blur      ζ = 3.0    γ = 0.05   c = 1.2
-    random-inpainting   ζ = 10.0   γ = 0.05   c = 1.0
+Hyperparameters per task: `flash_plugin.solvers.hparams` (the paper's and ours).
 
 Costs in ``Solution.extras``: ``count_decoder_calls`` and ``count_encoder_calls``, one each per
 step and sample (forward + backward).
@@ -36,11 +30,14 @@ from typing import Any
 import torch
 
 from flash_plugin.solvers.base import StepContext
-from flash_plugin.solvers.latent_dps import LatentDPS, add_count, check_weight, per_sample_norm
+from flash_plugin.solvers.guidance import add_count, check_weight, per_sample_norm
+from flash_plugin.solvers.latent_dps import LatentDPS
 
 
 class GMLDPS(LatentDPS):
     """GML-DPS (Rout et al. 2023): Latent-DPS + γ‖ẑ0 − E(D(ẑ0))‖₂ per sample.
+
+    Subclasses change only what the encoder sees (`reencoded`; PSLD glues in the measurement).
 
     Args:
         model: a latent model (``eps``, ``encode``, differentiable ``decode``, ``alphas_cumprod``, ``latent_shape``).
@@ -59,9 +56,14 @@ class GMLDPS(LatentDPS):
     def _weights_repr(self) -> str:
         return f"zeta={self.zeta}, gamma={self.gamma}"
 
+    def reencoded(self, ctx: StepContext, x: torch.Tensor, ax: torch.Tensor) -> torch.Tensor:
+        """The image whose encoding ``ẑ0`` should equal: the decoded estimate ``x = D(ẑ0)`` itself."""
+        return x
+
     def guidance_loss(self, ctx: StepContext, x0: torch.Tensor) -> torch.Tensor:
         x = self.model.decode(x0)
-        z_ae = self.model.encode(x)
+        ax = ctx.operator.forward(x)
+        z_ae = self.model.encode(self.reencoded(ctx, x, ax))
         add_count(ctx.state, ctx.index, "count_decoder_calls")
         add_count(ctx.state, ctx.index, "count_encoder_calls")
-        return self.zeta * per_sample_norm(ctx.y - ctx.operator.forward(x)) + self.gamma * per_sample_norm(x0 - z_ae)
+        return self.zeta * per_sample_norm(ctx.y - ax) + self.gamma * per_sample_norm(x0 - z_ae)

@@ -20,13 +20,7 @@ gradient of the sum over the batch is the per-sample gradient, so samples never 
 squared loss this is DPS's step ``ζ / ‖r‖``. No noise is added to the prediction (the PSLD repo's
 "noiser" quirk is dropped).
 
-Hyperparameters per task (ζ, and the Flash noise correction c; the paper's official FFHQ configs,
-CelebA-HQ VQ-f4 LDM). The authoritative table, with the values re-tuned for the bundled model, is `flash_plugin.solvers.hparams`:
-
-    gblur-varying       ζ = 1.0   c = 1.2
-    gblur-fixed         ζ = 3.0   c = 1.2
-    nonlinear-blur      ζ = 1.0   c = 1.0
-    random-inpainting   ζ = 7.0   c = 1.2
+Hyperparameters per task: `flash_plugin.solvers.hparams` (the paper's and ours).
 
 Costs reported in ``Solution.extras``: ``count_decoder_calls`` (one decoder forward + backward per
 step and sample; the final decode of the result is not counted), ``count_encoder_calls`` (0).
@@ -38,56 +32,14 @@ from typing import Any
 
 import torch
 
-from flash_plugin.utils.validation import check_nonnegative
-from flash_plugin.errors import FlashInputError
-from flash_plugin.solvers.base import ReverseDiffusionSolver, StepContext
-
-
-# ---- helpers shared by the guided solvers (also used by gml_dps, psld, resample) -------------
-def check_weight(name: str, value: float) -> float:
-    """A guidance weight / step size: a finite number ``>= 0``."""
-    return check_nonnegative(name, value)
-
-
-def per_sample_norm(r: torch.Tensor) -> torch.Tensor:
-    """``‖r_i‖₂`` for every sample ``i`` (``[B]``); never a batch-wide norm."""
-    return r.flatten(1).norm(dim=1)
-
-
-def add_count(state: dict, index: torch.Tensor, key: str, n: int | torch.Tensor = 1) -> None:
-    """Add ``n`` (int or LongTensor ``[len(index)]``) to the per-sample counter ``state[key]`` at
-    the batch positions ``index``. The counter grows as samples join; `pad_counts` sizes it to the batch."""
-    if len(index) == 0:
-        return
-    need = int(index.max().item()) + 1
-    c = state.get(key)
-    if c is None:
-        c = torch.zeros(need, dtype=torch.long, device=index.device)
-    elif len(c) < need:
-        c = torch.cat([c, c.new_zeros(need - len(c))])
-    c[index] += n if isinstance(n, int) else n.to(device=c.device, dtype=torch.long)
-    state[key] = c
-
-
-def pad_counts(state: dict, batch_size: int, device: torch.device, keys: tuple[str, ...]) -> None:
-    """Make every counter in ``keys`` a LongTensor ``[batch_size]`` (zeros for samples that never ran)."""
-    for key in keys:
-        c = state.get(key)
-        if c is None:
-            c = torch.zeros(batch_size, dtype=torch.long, device=device)
-        elif len(c) < batch_size:
-            c = torch.cat([c, c.new_zeros(batch_size - len(c))])
-        state[key] = c.to(device)
-
-
-class CountingSolver(ReverseDiffusionSolver):
-    """A `ReverseDiffusionSolver` that reports per-sample decoder/encoder calls in ``Solution.extras``."""
-
-    count_keys: tuple[str, ...] = ("count_decoder_calls", "count_encoder_calls")
-
-    def finish(self, z: torch.Tensor, y: torch.Tensor, operator: Any, state: dict) -> torch.Tensor:
-        pad_counts(state, z.shape[0], z.device, self.count_keys)
-        return z
+from flash_plugin.solvers.base import StepContext
+from flash_plugin.solvers.guidance import (  # noqa: F401 (pad_counts: re-exported, it lived here)
+    CountingSolver,
+    add_count,
+    check_weight,
+    pad_counts,
+    per_sample_norm,
+)
 
 
 class LatentDPS(CountingSolver):
