@@ -8,6 +8,8 @@ LatentDiffusion (1x16x16 images, 4x8x8 latents).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -26,11 +28,13 @@ from flash_plugin.solvers import (
     TASKS,
     TUNED_HPARAMS,
     LatentDPS,
+    OriginalReSample,
     ReSample,
     Sampler,
     get_hparams,
     make_solver,
 )
+from flash_plugin.solvers.hparams import load_evidence
 from flash_plugin.types import StartPoint
 
 torch.set_num_threads(1)  # 2 shared cores; the tiny models gain nothing from more
@@ -100,6 +104,7 @@ def tiny():
 
 # ---- solver factories ---------------------------------------------------------------------------
 NAMES = ["latent-dps", "gml-dps", "psld", "resample", "resample-original"]
+RESAMPLE = {"flash": ReSample, "original": OriginalReSample}  # the two versions, by their old `variant` names
 
 
 def zero_guidance(name, model, n):
@@ -113,7 +118,7 @@ def zero_guidance(name, model, n):
     elif name == "resample":
         s = ReSample(model, num_steps=n, dc_every=0)
     else:
-        s = ReSample(model, num_steps=n, variant="original", dc_every=0, dps_scale=0.0)
+        s = OriginalReSample(model, num_steps=n, dc_every=0, dps_scale=0.0)
     return s, Sampler(model, num_steps=n, eta=s.eta)
 
 
@@ -126,7 +131,7 @@ def guided(name, model, n, **kw):
         return PSLD(model, zeta=kw.get("zeta", 1.0), gamma=0.5, num_steps=n)
     if name == "resample":
         return ReSample(model, num_steps=n, dc_every=kw.get("dc_every", 10), inner_steps=kw.get("inner_steps", 100))
-    return ReSample(model, num_steps=n, variant="original", dc_every=kw.get("dc_every", 10), inner_steps=kw.get("inner_steps", 100))
+    return OriginalReSample(model, num_steps=n, dc_every=kw.get("dc_every", 10), inner_steps=kw.get("inner_steps", 100))
 
 
 def oracle_problem(oracle, b=4, seed=1, noise_std=0.0):
@@ -218,7 +223,7 @@ def test_resample_time_travel_follows_the_original(oracle):
     with the original's off-by-one: UNet at the timestep of level k−1−j, ᾱ of levels k−j → k−j−1."""
     _, op, y = oracle_problem(oracle, b=2)
     n, k = 40, 21  # a DC event at level 21 (position 20)
-    solver = ReSample(oracle, num_steps=n, variant="original", inner_steps=2)
+    solver = OriginalReSample(oracle, num_steps=n, inner_steps=2)
     assert solver.time_travel == 5 and solver.dc_stage(k) == "pixel"
     seen = {}
     hard_dc, travel = solver.hard_dc, solver.travel
@@ -244,18 +249,18 @@ def test_resample_time_travel_follows_the_original(oracle):
         z = a_prev**0.5 * (z - (1 - a) ** 0.5 * eps) / a**0.5 + (1 - a_prev) ** 0.5 * eps
     torch.testing.assert_close(seen["x0"].double(), x0p, atol=1e-5, rtol=1e-5)
     assert [int(c[0]) for c in oracle.calls[:7]] == [int(ts[j]) for j in (21, 20, 19, 18, 17, 16, 20)]
-    assert ReSample(oracle, num_steps=n, variant="original", time_travel=0).time_travel == 0
+    assert OriginalReSample(oracle, num_steps=n, time_travel=0).time_travel == 0
     with pytest.raises(FlashInputError, match="time_travel"):
         ReSample(oracle, num_steps=n, time_travel=5)
     with pytest.raises(FlashInputError, match="time_travel"):
-        ReSample(oracle, num_steps=n, variant="original", time_travel=-1)
+        OriginalReSample(oracle, num_steps=n, time_travel=-1)
 
 
 @pytest.mark.parametrize("variant", ["flash", "original"])
 def test_resample_dc_events_sit_at_absolute_timesteps(oracle, variant):
     _, op, y = oracle_problem(oracle, b=1)
     n = 60
-    solver = ReSample(oracle, num_steps=n, variant=variant, inner_steps=3)
+    solver = RESAMPLE[variant](oracle, num_steps=n, inner_steps=3)
     events = []
     hard_dc = solver.hard_dc
 
@@ -316,7 +321,7 @@ def test_resample_inner_optimisation_stops_per_sample(oracle, variant):
     y = op.measure(x, generator=g)
     if variant == "original":  # the original stops at MSE < 1e-6: give one sample a noiseless, easy problem
         y[2] = op.forward(x)[2]
-    solver = ReSample(oracle, num_steps=30, variant=variant, inner_steps=60, dc_every=5)
+    solver = RESAMPLE[variant](oracle, num_steps=30, inner_steps=60, dc_every=5)
     start = StartPoint(torch.tensor([30, 22, 30, 9]), torch.randn((4, *SHAPE), generator=g))
     batch = solver.solve(y, op, start=start, generator=gens(range(4)))
     its = batch.extras["count_inner_iterations"]
@@ -479,7 +484,7 @@ def test_solvers_satisfy_the_protocols(oracle):
     assert rs.schedule.num_steps == 500 and rs.eta == 1.0 and rs.gamma_rs == 400
     assert rs.schedule.timesteps[1:].flip(0)[:3].tolist() == [999, 997, 995]
     assert LatentDPS(oracle).schedule.num_steps == 1000 and LatentDPS(oracle).eta == 1.0
-    orig = ReSample(oracle, variant="original")
+    orig = OriginalReSample(oracle)
     assert orig.eta == 0.0 and orig.gamma_rs == 40 and orig.final_optimization and orig.dps_scale == 0.5
 
 
@@ -494,6 +499,26 @@ def test_invalid_arguments_are_refused(oracle):
         ReSample(oracle, dps_scale=0.5)  # the flash variant has no DPS step
     with pytest.raises(FlashInputError):
         ReSample(oracle, dc_every=-2)
+
+
+def test_resample_variant_argument_is_deprecated_and_builds_the_right_class(oracle):
+    """``ReSample(variant=...)`` (one class with a flag before) warns and builds the version's class,
+    which solves exactly as that class built directly."""
+    _, op, y = oracle_problem(oracle, b=2)
+    for variant, cls in RESAMPLE.items():
+        with pytest.warns(DeprecationWarning, match="OriginalReSample"):
+            old = ReSample(oracle, num_steps=20, dc_every=3, inner_steps=2, variant=variant)
+        new = cls(oracle, num_steps=20, dc_every=3, inner_steps=2)
+        assert type(old) is cls and old.variant == variant
+        a, b = (s.solve(y, op, generator=gens([0, 1])) for s in (old, new))
+        assert torch.equal(a.x, b.x) and torch.equal(a.nfe, b.nfe)
+    assert not isinstance(OriginalReSample(oracle), ReSample)  # two algorithms, not a subclass with a flag
+    import flash_plugin.solvers.resample as rs_mod
+
+    with pytest.warns(DeprecationWarning, match="VARIANTS"):
+        variants = rs_mod.VARIANTS
+    assert variants["original"].time_travel == OriginalReSample(oracle).time_travel
+    assert variants["flash"].gamma_rs == ReSample(oracle).gamma_rs
 
 
 PAPER_FFHQ = {  # flash-algorithm.md §9, FFHQ column
@@ -516,13 +541,19 @@ def test_hparam_table_is_the_papers_and_make_solver_uses_it(oracle):
     retuned = {key for key in PAPER_HPARAMS if TUNED_HPARAMS[key] != PAPER_HPARAMS[key]}
     assert retuned <= {(s, t) for s, _, res, _ in recorded_sweeps() for t in res}  # each from a sweep
     docs = {"latent-dps": ldps_mod.__doc__, "gml-dps": gml_mod.__doc__, "psld": psld_mod.__doc__, "resample": rs_mod.__doc__}
+    evidence = load_evidence()
     for (s, t), v in flat.items():
         h = get_hparams(s, t, source="paper")
         got = {"latent-dps": (h.zeta, h.noise_correction), "gml-dps": (h.zeta, h.gamma, h.noise_correction),
                "psld": (h.zeta, h.gamma, h.noise_correction), "resample": (h.gamma_rs, h.noise_correction)}[s]
         assert got == v, (s, t)
-        line = next(ln for ln in docs[s].splitlines() if ln.strip().startswith(t))
-        assert [float(w) for w in line.replace("=", " ").split() if w[0].isdigit()] == [float(x) for x in v], line
+        paper = evidence[(s, t)]["paper"]  # the evidence stored with the model states the same paper values
+        stated = {"latent-dps": ("zeta", "noise_correction"), "gml-dps": ("zeta", "gamma", "noise_correction"),
+                  "psld": ("zeta", "gamma", "noise_correction"), "resample": ("gamma_rs", "noise_correction")}[s]
+        assert tuple(paper[k] for k in stated) == v, (s, t)
+    for s, doc in docs.items():  # each solver cites the one table instead of repeating it
+        assert "flash_plugin.solvers.hparams" in doc, s
+        assert not [ln for ln in doc.splitlines() if ln.strip().startswith(TASKS)], s
     ldps = get_hparams("latent-dps", "gblur-varying")  # the Flash settings go to FlashConfig, not the solver
     assert set(ldps.solver_kwargs()) == {"zeta"} and set(ldps.flash_kwargs()) == {"noise_correction", "variance_scale"}
     FlashConfig(**ldps.flash_kwargs())
@@ -556,14 +587,21 @@ def test_solvers_are_registered_through_the_plugin_hook():
         assert registry.get_solver(name, pm=pm) is SOLVERS[name]
 
 
+def tuning_records_dir():
+    """Where the tuning records are: ``results/fashion-mnist-32/tuning`` in the repository (the
+    bundled model's ``benchmarks/`` before they moved there)."""
+    from flash_plugin.models import DEFAULT_MODEL_DIR
+
+    moved = Path(__file__).resolve().parents[1] / "results" / "fashion-mnist-32" / "tuning"
+    return moved if moved.is_dir() else DEFAULT_MODEL_DIR / "benchmarks"
+
+
 def recorded_sweeps():
     """``[(solver, param, {task: {value: metrics}}, {task: settings held fixed})]`` of the committed tuning runs."""
     import json
 
-    from flash_plugin.models import DEFAULT_MODEL_DIR
-
     out = []
-    for path in sorted((DEFAULT_MODEL_DIR / "benchmarks").glob("tune_*.json")):
+    for path in sorted(tuning_records_dir().glob("tune_*.json")):
         rec = json.loads(path.read_text())
         if rec.get("method", "flash") == "flash":  # a sweep of the baseline from noise is a check, not the table's source
             out.append((rec["solver"], rec["param"], rec["results"], rec["at"]))

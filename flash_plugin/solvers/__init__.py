@@ -1,7 +1,8 @@
 """Reference solvers, one module per paper, all on the shared loop of `base`.
 
 Built-in plugin: `flash_register_solvers` registers ``"sampler"``, ``"latent-dps"``,
-``"gml-dps"``, ``"psld"`` and ``"resample"`` (the classes themselves are the factories).
+``"gml-dps"``, ``"psld"`` and ``"resample"`` (the classes themselves are the factories);
+`OriginalReSample`, the ReSample authors' version, is not registered (see docs/solvers.md).
 """
 
 from flash_plugin.markers import hookimpl
@@ -18,7 +19,7 @@ from flash_plugin.solvers.hparams import (
 )
 from flash_plugin.solvers.latent_dps import LatentDPS
 from flash_plugin.solvers.psld import PSLD
-from flash_plugin.solvers.resample import ReSample
+from flash_plugin.solvers.resample import OriginalReSample, ReSample
 
 __all__ = [
     "ReverseDiffusionSolver",
@@ -29,6 +30,7 @@ __all__ = [
     "GMLDPS",
     "PSLD",
     "ReSample",
+    "OriginalReSample",
     "SolverHparams",
     "PAPER_HPARAMS",
     "TUNED_HPARAMS",
