@@ -1,62 +1,26 @@
-"""Hyperparameters of the reference solvers per task: ONE table, and `make_solver`.
+"""Hyperparameters of the reference solvers per task: the paper's, ours, and `make_solver`.
 
-`PAPER_HPARAMS` holds the values of the official Flash-Diffusion configs for FFHQ
-(``flash_configs/reconstruction_configs/``, flash-algorithm.md §9; CelebA-HQ VQ-f4 LDM, 256²):
+`PAPER_HPARAMS` holds the official Flash-Diffusion configs for FFHQ (``flash_configs/
+reconstruction_configs/``; CelebA-HQ VQ-f4 LDM, 256²). `TUNED_HPARAMS` holds ours, re-tuned for
+Flash(solver) on the bundled fashion-mnist-32 model; it is `make_solver`'s default. The evidence
+for every tuned value (the tuning record that chose it and the mean PSNR of each value swept) is
+data next to the bundled model, ``weights/fashion-mnist-32/hparams.json`` (`load_evidence`), and a
+test holds both tables to it. How the values were tuned and what they say: docs/solvers.md,
+"Hyperparameters".
 
-====================  =====================  ==============================  ==============================  ==================
-task                  Latent-DPS (ζ, c)       GML-DPS (ζ, γ, c)               PSLD (ζ, γ, c)                  ReSample (γ_rs, c)
-====================  =====================  ==============================  ==============================  ==================
-gblur-varying         1.0, 1.2               3.0, 0.05, 1.2                  2.0, 0.2, 1.0                   400, 1.2
-gblur-fixed           3.0, 1.2               2.0, 0.05, 1.0                  2.0, 0.1, 1.0                   2000, 1.2
-nonlinear-blur        1.0, 1.0               3.0, 0.05, 1.2                  – (no adjoint)                  200, 1.2
-random-inpainting     7.0, 1.2               10.0, 0.05, 1.0                 10.0, 0.5, 1.0                  200, 1.2
-====================  =====================  ==============================  ==============================  ==================
-
-ζ = ``dc_step`` (step size of the measurement term), γ = ``ae_weight`` (GML / gluing term),
-c = ``corr_mult`` (the Flash noise correction, a `flash_plugin.flash.FlashConfig` setting, not a
-solver argument), γ_rs = ``resample_step``. The residuals are measured on the ``[-1, 1]`` image
-scale in both the Flash code and here, so ζ carries over unchanged. Every other setting (DDPM-1000
-with ``η = 1`` for the DPS family; DDIM-500, ``η = 1``, DC every 10 steps, λ = 1, 100 inner Adam
-steps at lr 0.1 for ReSample) is the solver classes' default.
-
-`TUNED_HPARAMS` holds the values re-tuned on our default model (the bundled Fashion-MNIST LDM,
-whose 8×8 latent and operators differ from the paper's), `make_solver`'s default. Each value was
-swept with `python -m flash_plugin.bench.tune` for Flash(solver) on 24 training images, the
-other settings held at the table's (one coordinate at a time, re-swept until none moved): ζ for
-Latent-DPS, GML-DPS and PSLD, γ_rs for ReSample, and the Flash settings c (``noise_correction``)
-for all four and v (``variance_scale``, the official code's ``var_mult``) for Latent-DPS and
-GML-DPS (GML-DPS not on gblur-fixed). γ stays
-the paper's. The sweeps are recorded in
-``flash_plugin/weights/fashion-mnist-32/benchmarks/tune_<solver>[_<param>].json``:
-
-====================  ======================  ===================  ===================  ==================
-task                  Latent-DPS ζ, c, v      GML-DPS ζ (γ), c, v  PSLD ζ (γ), c        ReSample γ_rs, c
-====================  ======================  ===================  ===================  ==================
-gblur-varying         0.5, 0, 2               0.5 (0.05), 0, 2     0.5 (0.2), 0         25600, 0
-gblur-fixed           4.0, 0, 2               7.0 (0.05), 0, 1     7.0 (0.1), 0         6400, 0
-nonlinear-blur        0.5, 0, 4               0.5 (0.05), 0, 4     –                    25600, 0
-random-inpainting     0.35, 0, 2              0.35 (0.05), 0, 2    0.35 (0.5), 0        25600, 0
-====================  ======================  ===================  ===================  ==================
-
-With c = 0 Flash starts from ẑ itself at the SNR-matched step: for every solver and task the
-paper's c = 1–1.2 was worse (by 0.1–0.7 dB); on this model the injected noise costs more than it
-washes out. v > 1 (start as if σ̂² were v times larger, i.e. with more guided steps) helps
-Latent-DPS by 0.1–0.4 dB at c = 0 (it lost 0.2 dB at c = 1.2) and GML-DPS by 0.14–0.29 dB (grid
-1, 2, 4); PSLD and ReSample were not swept in v and keep v = 1.
-
-The step sizes come out 2–30x smaller than the paper's FFHQ values, except on the fixed blur
-(1.3–3.5x larger); ReSample's γ_rs ends far above the paper's 200–2000, where PSNR is flat.
-
-The values are tuned for Flash(solver), and the benchmarks run the baseline (the solver from
-noise) with the same values. Fairness check on gblur-varying, the same 24 training images
-(``tune --method baseline``, ``tune_<solver>_baseline.json``): Latent-DPS from noise is also best
-at ζ = 0.5 (19.72 dB; 19.40 at 0.25, 19.15 at 1, 18.37 at 2), and ReSample from noise is flat in
-γ_rs (17.99 dB at 3200 and at 25600, 17.67 at the paper's 400).
+Symbols, with the Flash code's names: ζ = ``zeta`` (``dc_step``, step size of the measurement
+term), γ = ``gamma`` (``ae_weight``, the GML / gluing term), γ_rs = ``gamma_rs``
+(``resample_step``), c = ``noise_correction`` (``corr_mult``) and v = ``variance_scale``
+(``var_mult``), the last two `flash_plugin.flash.FlashConfig` settings rather than solver
+arguments. Residuals are measured on the ``[-1, 1]`` image scale in both codes, so ζ carries
+over unchanged; every other setting is the solver class's default.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from flash_plugin.errors import FlashInputError, UnknownPluginNameError
@@ -111,54 +75,53 @@ FLASH_PARAMS: tuple[str, ...] = ("noise_correction", "variance_scale")
 
 _H = SolverHparams
 PAPER_HPARAMS: dict[tuple[str, str], SolverHparams] = {
-    ("latent-dps", "gblur-varying"): _H(zeta=1.0, noise_correction=1.2),
-    ("latent-dps", "gblur-fixed"): _H(zeta=3.0, noise_correction=1.2),
-    ("latent-dps", "nonlinear-blur"): _H(zeta=1.0, noise_correction=1.0),
+    ("latent-dps", "gblur-varying"):     _H(zeta=1.0, noise_correction=1.2),
+    ("latent-dps", "gblur-fixed"):       _H(zeta=3.0, noise_correction=1.2),
+    ("latent-dps", "nonlinear-blur"):    _H(zeta=1.0, noise_correction=1.0),
     ("latent-dps", "random-inpainting"): _H(zeta=7.0, noise_correction=1.2),
-    ("gml-dps", "gblur-varying"): _H(zeta=3.0, gamma=0.05, noise_correction=1.2),
-    ("gml-dps", "gblur-fixed"): _H(zeta=2.0, gamma=0.05, noise_correction=1.0),
-    ("gml-dps", "nonlinear-blur"): _H(zeta=3.0, gamma=0.05, noise_correction=1.2),
-    ("gml-dps", "random-inpainting"): _H(zeta=10.0, gamma=0.05, noise_correction=1.0),
-    ("psld", "gblur-varying"): _H(zeta=2.0, gamma=0.2, noise_correction=1.0),
-    ("psld", "gblur-fixed"): _H(zeta=2.0, gamma=0.1, noise_correction=1.0),
-    # ("psld", "nonlinear-blur"): none -- the nonlinear blur has no adjoint.
-    ("psld", "random-inpainting"): _H(zeta=10.0, gamma=0.5, noise_correction=1.0),
-    ("resample", "gblur-varying"): _H(gamma_rs=400.0, noise_correction=1.2),
-    ("resample", "gblur-fixed"): _H(gamma_rs=2000.0, noise_correction=1.2),
-    ("resample", "nonlinear-blur"): _H(gamma_rs=200.0, noise_correction=1.2),
-    ("resample", "random-inpainting"): _H(gamma_rs=200.0, noise_correction=1.2),
-}
-"""The paper's official FFHQ values (flash-algorithm.md §9). Do not edit: tune in `TUNED_HPARAMS`."""
+    ("gml-dps", "gblur-varying"):        _H(zeta=3.0, gamma=0.05, noise_correction=1.2),
+    ("gml-dps", "gblur-fixed"):          _H(zeta=2.0, gamma=0.05, noise_correction=1.0),
+    ("gml-dps", "nonlinear-blur"):       _H(zeta=3.0, gamma=0.05, noise_correction=1.2),
+    ("gml-dps", "random-inpainting"):    _H(zeta=10.0, gamma=0.05, noise_correction=1.0),
+    ("psld", "gblur-varying"):           _H(zeta=2.0, gamma=0.2, noise_correction=1.0),
+    ("psld", "gblur-fixed"):             _H(zeta=2.0, gamma=0.1, noise_correction=1.0),
+    # no ("psld", "nonlinear-blur"): the nonlinear blur has no adjoint
+    ("psld", "random-inpainting"):       _H(zeta=10.0, gamma=0.5, noise_correction=1.0),
+    ("resample", "gblur-varying"):       _H(gamma_rs=400.0, noise_correction=1.2),
+    ("resample", "gblur-fixed"):         _H(gamma_rs=2000.0, noise_correction=1.2),
+    ("resample", "nonlinear-blur"):      _H(gamma_rs=200.0, noise_correction=1.2),
+    ("resample", "random-inpainting"):   _H(gamma_rs=200.0, noise_correction=1.2),
+}  # fmt: skip
+"""The paper's official FFHQ values. Do not edit: tune in `TUNED_HPARAMS`."""
 
 TUNED_HPARAMS: dict[tuple[str, str], SolverHparams] = {
-    **PAPER_HPARAMS,
-    # Re-tuned for Flash(solver) on the bundled fashion-mnist-32 model: best mean PSNR on the first 24
-    # Fashion-MNIST *training* images, severities spread over each task's range, one setting at a
-    # time at the others' table values (coordinate descent until none moved), e.g.
-    #   python -m flash_plugin.bench.tune --solver gml-dps --tasks gblur-varying --values 0.35 0.5 1
-    #   python -m flash_plugin.bench.tune --solver latent-dps --tasks gblur-varying --param variance_scale --values 1 2 3
-    # Every sweep is recorded in flash_plugin/weights/fashion-mnist-32/benchmarks/tune_<solver>[_<param>].json
-    # (grids, PSNR and SSIM per value, the settings held fixed); a test holds this table to those records.
-    # The comments give the best PSNR and the paper's c at otherwise the same settings.
-    ("latent-dps", "gblur-varying"): _H(zeta=0.5, noise_correction=0.0, variance_scale=2.0),  # 20.15 dB (c=1.2: 19.44)
-    ("latent-dps", "gblur-fixed"): _H(zeta=4.0, noise_correction=0.0, variance_scale=2.0),  # 17.53 dB (c=0.5: 17.15)
-    ("latent-dps", "nonlinear-blur"): _H(zeta=0.5, noise_correction=0.0, variance_scale=4.0),  # 25.18 dB (c=1: 25.08; v=3: 25.16)
-    ("latent-dps", "random-inpainting"): _H(zeta=0.35, noise_correction=0.0, variance_scale=2.0),  # 22.00 dB (c=1.2: 21.34)
-    ("gml-dps", "gblur-varying"): _H(zeta=0.5, gamma=0.05, noise_correction=0.0, variance_scale=2.0),  # 20.21 dB (v=1: 20.07)
-    ("gml-dps", "gblur-fixed"): _H(zeta=7.0, gamma=0.05, noise_correction=0.0),  # 17.35 dB (c=1: 16.84)
-    ("gml-dps", "nonlinear-blur"): _H(zeta=0.5, gamma=0.05, noise_correction=0.0, variance_scale=4.0),  # 25.26 dB (v=1: 25.00)
-    ("gml-dps", "random-inpainting"): _H(zeta=0.35, gamma=0.05, noise_correction=0.0, variance_scale=2.0),  # 22.16 dB (v=1, ζ=0.5: 21.82)
-    ("psld", "gblur-varying"): _H(zeta=0.5, gamma=0.2, noise_correction=0.0),  # 20.08 dB (c=1: 19.84)
-    ("psld", "gblur-fixed"): _H(zeta=7.0, gamma=0.1, noise_correction=0.0),  # 17.38 dB (c=1: 16.95)
-    ("psld", "random-inpainting"): _H(zeta=0.35, gamma=0.5, noise_correction=0.0),  # 20.72 dB (c=1: 20.29)
-    # ReSample: PSNR is flat in γ_rs from 6400 up (<= 0.04 dB; it rose up to 25600 at c = 1.2): the
-    # resampled latent then sits at the data-consistent z0*.
-    ("resample", "gblur-varying"): _H(gamma_rs=25600.0, noise_correction=0.0),  # 19.30 dB (c=1.2: 19.01)
-    ("resample", "gblur-fixed"): _H(gamma_rs=6400.0, noise_correction=0.0),  # 16.42 dB (25600: 16.41)
-    ("resample", "nonlinear-blur"): _H(gamma_rs=25600.0, noise_correction=0.0),  # 23.91 dB (c=1.2: 23.73)
-    ("resample", "random-inpainting"): _H(gamma_rs=25600.0, noise_correction=0.0),  # 20.46 dB (c=1.2: 20.05)
-}
-"""Values re-tuned on our default model (the comments give the best mean PSNR and a reference point)."""
+    ("latent-dps", "gblur-varying"):     _H(zeta=0.5, noise_correction=0.0, variance_scale=2.0),
+    ("latent-dps", "gblur-fixed"):       _H(zeta=4.0, noise_correction=0.0, variance_scale=2.0),
+    ("latent-dps", "nonlinear-blur"):    _H(zeta=0.5, noise_correction=0.0, variance_scale=4.0),
+    ("latent-dps", "random-inpainting"): _H(zeta=0.35, noise_correction=0.0, variance_scale=2.0),
+    ("gml-dps", "gblur-varying"):        _H(zeta=0.5, gamma=0.05, noise_correction=0.0, variance_scale=2.0),
+    ("gml-dps", "gblur-fixed"):          _H(zeta=7.0, gamma=0.05, noise_correction=0.0),
+    ("gml-dps", "nonlinear-blur"):       _H(zeta=0.5, gamma=0.05, noise_correction=0.0, variance_scale=4.0),
+    ("gml-dps", "random-inpainting"):    _H(zeta=0.35, gamma=0.05, noise_correction=0.0, variance_scale=2.0),
+    ("psld", "gblur-varying"):           _H(zeta=0.5, gamma=0.2, noise_correction=0.0),
+    ("psld", "gblur-fixed"):             _H(zeta=7.0, gamma=0.1, noise_correction=0.0),
+    ("psld", "random-inpainting"):       _H(zeta=0.35, gamma=0.5, noise_correction=0.0),
+    ("resample", "gblur-varying"):       _H(gamma_rs=25600.0, noise_correction=0.0),
+    ("resample", "gblur-fixed"):         _H(gamma_rs=6400.0, noise_correction=0.0),
+    ("resample", "nonlinear-blur"):      _H(gamma_rs=25600.0, noise_correction=0.0),
+    ("resample", "random-inpainting"):   _H(gamma_rs=25600.0, noise_correction=0.0),
+}  # fmt: skip
+"""Ours, re-tuned on the bundled model (evidence: `load_evidence`); γ is the paper's throughout."""
+
+EVIDENCE_PATH = Path(__file__).resolve().parent.parent / "weights" / "fashion-mnist-32" / "hparams.json"
+"""Our values, the paper's and the tuning record behind each of ours (records under ``results/fashion-mnist-32/tuning/``)."""
+
+
+def load_evidence(path: str | Path = EVIDENCE_PATH) -> dict[tuple[str, str], dict[str, Any]]:
+    """The evidence entries by ``(solver, task)``: ``{"ours": {...}, "paper": {...}, "evidence": {param: {...}}}``."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    return {(e["solver"], e["task"]): e for e in data["entries"]}
+
 
 HparamSource = Literal["tuned", "paper"]
 

@@ -1,0 +1,67 @@
+"""The hyperparameter table (`flash_plugin.solvers.hparams`) and the evidence stored next to the
+bundled model (``weights/fashion-mnist-32/hparams.json``) agree, and the evidence agrees with the
+tuning records it cites."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from flash_plugin.solvers import hparams
+from flash_plugin.solvers.hparams import PAPER_HPARAMS, TUNED_HPARAMS, load_evidence
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def nonnull(h) -> dict:
+    return {k: v for k, v in asdict(h).items() if v is not None}
+
+
+def test_evidence_states_the_table_in_code():
+    evidence = load_evidence()
+    assert list(evidence) == list(TUNED_HPARAMS) and set(TUNED_HPARAMS) == set(PAPER_HPARAMS)
+    for key, entry in evidence.items():
+        assert entry["ours"] == nonnull(TUNED_HPARAMS[key]), key
+        assert entry["paper"] == nonnull(PAPER_HPARAMS[key]), key
+
+
+def test_every_tuned_value_has_the_record_that_chose_it():
+    for key, entry in load_evidence().items():
+        ours, paper = entry["ours"], entry["paper"]
+        changed = {k for k in ours if ours[k] != paper[k]}
+        assert changed <= set(entry["evidence"]), (key, changed)  # no value moved off the paper's without a sweep
+        for param, ev in entry["evidence"].items():
+            scores = ev["psnr_db_by_value"]
+            assert ev["value"] == ours[param], (key, param)  # the table holds what the sweep chose
+            assert ev["psnr_db"] == scores[str(ev["value"])] == max(scores.values()), (key, param)
+            assert ev["record"].startswith("results/fashion-mnist-32/tuning/tune_"), ev["record"]
+
+
+def record_file(cited: str) -> Path | None:
+    """The cited record in this checkout: at its path, or where records lay before they moved to results/."""
+    for path in (REPO / cited, hparams.EVIDENCE_PATH.parent / "benchmarks" / Path(cited).name):
+        if path.is_file():
+            return path
+    return None
+
+
+def test_evidence_is_what_the_records_measured():
+    cited = [(key, param, ev) for key, e in load_evidence().items() for param, ev in e["evidence"].items()]
+    for (solver, task), param, ev in cited:
+        path = record_file(ev["record"])
+        assert path is not None, f"{ev['record']} is cited but not in the repository"
+        rec = json.loads(path.read_text())
+        assert (rec["solver"], rec["param"], rec.get("method", "flash")) == (solver, param, "flash"), path
+        scores = {k: round(v["psnr"], 2) for k, v in rec["results"][task].items()}
+        assert scores == ev["psnr_db_by_value"], (solver, task, param)
+
+
+def test_baseline_checks_are_what_the_records_measured():
+    checks = json.loads(hparams.EVIDENCE_PATH.read_text())["baseline_checks"]
+    assert {(c["solver"], c["method"]) for c in checks} == {("latent-dps", "baseline"), ("resample", "baseline")}
+    for c in checks:
+        rec = json.loads(record_file(c["record"]).read_text())
+        res = rec["results"][c["task"]]
+        assert {k: round(v["psnr"], 2) for k, v in res.items()} == c["psnr_db_by_value"]
+        assert c["best_value"] == float(max(res, key=lambda v: res[v]["psnr"]))
