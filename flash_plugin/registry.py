@@ -1,9 +1,12 @@
-"""Look up what plugins registered, and adapt third-party objects through the plugins.
+"""Look up what plugins registered: the four name registries (solvers, operators, severity
+estimators, models).
 
-The four name registries (solvers, operators, severity estimators, models) are filled by the
-``flash_register_*`` hooks (see `flash_plugin.hookspecs`); each is built on first use and cached
-on the plugin manager until a plugin is registered or unregistered. Every function takes an
-optional ``pm``; by default the process-wide `flash_plugin.plugins.get_plugin_manager()` is used.
+Each registry is filled by calling its ``flash_register_*`` hook (see `flash_plugin.hookspecs`)
+through pluggy, one plugin at a time so that every name is attributed to the plugin that
+registered it; it is built on first use and cached on the plugin manager until a plugin is
+registered or unregistered. Every function takes an optional ``pm``; by default the process-wide
+`flash_plugin.plugins.get_plugin_manager()` is used. Adapting third-party objects is the other
+half of the plugin API, in `flash_plugin.adaptation`; its functions are re-exported here.
 """
 
 from __future__ import annotations
@@ -11,15 +14,14 @@ from __future__ import annotations
 import difflib
 import inspect
 import re
-import typing
 from dataclasses import dataclass
 from typing import Any
 
 import pluggy
 
 from flash_plugin import plugins
-from flash_plugin.errors import DuplicateNameError, NotAdaptableError, UnknownPluginNameError
-from flash_plugin.protocols import Operator, SeverityEstimator, Solver
+from flash_plugin.adaptation import adapt_operator, adapt_severity_estimator, adapt_solver  # noqa: F401 (re-exported)
+from flash_plugin.errors import DuplicateNameError, UnknownPluginNameError
 
 KINDS: dict[str, str] = {
     "solvers": "solver",
@@ -102,9 +104,8 @@ def _manager(pm: pluggy.PluginManager | None) -> pluggy.PluginManager:
 def _collect(pm: pluggy.PluginManager, kind: str) -> dict[str, Registration]:
     hookname = f"flash_register_{kind}"
     entries: dict[str, Registration] = {}
-    for impl in getattr(pm.hook, hookname).get_hookimpls():
-        if impl.hookwrapper or impl.wrapper:
-            continue
+    impls = [impl for impl in getattr(pm.hook, hookname).get_hookimpls() if not (impl.hookwrapper or impl.wrapper)]
+    for impl in impls:
         plugin_name = impl.plugin_name
 
         def register(name: str, factory: Any, _plugin: str = plugin_name) -> None:
@@ -124,9 +125,10 @@ def _collect(pm: pluggy.PluginManager, kind: str) -> dict[str, Registration]:
                 )
             entries[name] = Registration(kind, name, factory, _plugin)
 
-        kwargs = {"register": register}
+        # pluggy calls this plugin's implementation alone, so each name is attributed to its plugin
+        only_this = pm.subset_hook_caller(hookname, remove_plugins=[other.plugin for other in impls if other is not impl])
         try:
-            impl.function(*(kwargs[arg] for arg in impl.argnames))
+            only_this(register=register)
         except Exception as exc:
             exc.add_note(f"raised in {hookname} of plugin {plugin_name!r}")
             raise
@@ -192,64 +194,3 @@ def get_severity_estimator(name: str, *, pm: pluggy.PluginManager | None = None)
 def get_model(name: str, *, pm: pluggy.PluginManager | None = None) -> Any:
     """The model loader registered as ``name``; `UnknownPluginNameError` lists the known names."""
     return get_registration("models", name, pm=pm).factory
-
-
-# --- adaptation ---------------------------------------------------------------------------------
-
-
-def _protocol_members(protocol: type) -> list[str]:
-    members = getattr(protocol, "__protocol_attrs__", None)  # Python >= 3.12
-    if members is None:
-        members = typing._get_protocol_attrs(protocol)  # type: ignore[attr-defined]
-    return sorted(members)
-
-
-def _describe(obj: Any) -> str:
-    cls = type(obj)
-    return f"{cls.__module__}.{cls.__qualname__} object"
-
-
-def _missing(obj: Any, protocol: type) -> str:
-    missing = [m for m in _protocol_members(protocol) if not hasattr(obj, m)]
-    return ", ".join(f"`{m}`" for m in missing) or "nothing by name (check the members' kinds and signatures)"
-
-
-def _adapt(obj: Any, protocol: type, hookname: str, pm: pluggy.PluginManager | None) -> Any:
-    if isinstance(obj, protocol):
-        return obj
-    pm = _manager(pm)
-    hook = getattr(pm.hook, hookname)
-    adapted = hook(obj=obj)
-    needs = ", ".join(f"`{m}`" for m in _protocol_members(protocol))
-    if adapted is None:
-        implementers = sorted({impl.plugin_name for impl in hook.get_hookimpls()})
-        raise NotAdaptableError(
-            f"{_describe(obj)} is not a {protocol.__name__} (the protocol needs {needs}; it lacks "
-            f"{_missing(obj, protocol)}) and no plugin adapts it (plugins implementing {hookname}: "
-            f"{', '.join(implementers) or 'none'}). Install or register a plugin implementing "
-            f"{hookname} for this type, or wrap the object so that it provides {needs}."
-        )
-    if not isinstance(adapted, protocol):
-        raise NotAdaptableError(
-            f"a plugin's {hookname} returned {_describe(adapted)} for {_describe(obj)}, but that is "
-            f"not a {protocol.__name__} either: it lacks {_missing(adapted, protocol)}"
-        )
-    return adapted
-
-
-def adapt_solver(obj: Any, *, pm: pluggy.PluginManager | None = None) -> Solver:
-    """``obj`` itself if it satisfies `Solver`, else the first non-None ``flash_adapt_solver``
-    result; `NotAdaptableError` (saying what is missing) if no plugin adapts it."""
-    return _adapt(obj, Solver, "flash_adapt_solver", pm)
-
-
-def adapt_operator(obj: Any, *, pm: pluggy.PluginManager | None = None) -> Operator:
-    """``obj`` itself if it satisfies `Operator`, else the first non-None ``flash_adapt_operator``
-    result; `NotAdaptableError` (saying what is missing) if no plugin adapts it."""
-    return _adapt(obj, Operator, "flash_adapt_operator", pm)
-
-
-def adapt_severity_estimator(obj: Any, *, pm: pluggy.PluginManager | None = None) -> SeverityEstimator:
-    """``obj`` itself if it satisfies `SeverityEstimator`, else the first non-None
-    ``flash_adapt_severity_estimator`` result; `NotAdaptableError` if no plugin adapts it."""
-    return _adapt(obj, SeverityEstimator, "flash_adapt_severity_estimator", pm)

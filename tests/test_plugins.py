@@ -9,8 +9,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
-from flash_plugin import cli, hookspecs, plugins, registry
+from flash_plugin import adaptation, cli, hookspecs, plugins, registry
 from flash_plugin.errors import DuplicateNameError, FlashError, NotAdaptableError, UnknownPluginNameError
 from flash_plugin.markers import hookimpl
 from flash_plugin.protocols import Operator, SeverityEstimator, Solver
@@ -277,7 +278,7 @@ def test_not_adaptable_says_what_is_missing(fresh_plugin_manager, adapt, hooknam
         adapt(Foreign())
     msg = str(info.value)
     assert protocol.__name__ in msg and "Foreign" in msg and hookname in msg and "declines" in msg
-    for member in registry._protocol_members(protocol):
+    for member in adaptation._protocol_members(protocol):
         assert f"`{member}`" in msg
     assert isinstance(info.value, TypeError)
 
@@ -287,6 +288,107 @@ def test_plugin_returning_a_non_conforming_object_is_an_error(fresh_plugin_manag
     fresh_plugin_manager.register(make_adapter_plugin(hookname, Foreign(), []), name="sloppy")
     with pytest.raises(NotAdaptableError, match=f"{hookname} returned .*not a {protocol.__name__}"):
         adapt(Foreign())
+
+
+def test_registration_and_adaptation_are_called_through_pluggy(fresh_plugin_manager):
+    """Both halves of the plugin API call the hooks through the plugin manager (its monitoring sees
+    them), so an implementation registered under another name (``specname``) takes part too."""
+    pm = fresh_plugin_manager
+    seen = []
+    undo = pm.add_hookcall_monitoring(lambda name, impls, kwargs: seen.append(name), lambda *a: None)
+
+    class Renamed:
+        @hookimpl(specname="flash_register_solvers")
+        def provide(self, register):
+            register("renamed-solver", FakeSolver)
+
+        @hookimpl(specname="flash_adapt_solver")
+        def adapt(self, obj):
+            return SatisfiesAll() if isinstance(obj, Foreign) else None
+
+    try:
+        pm.register(Renamed(), name="renamed")
+        entry = registry.registry("solvers")["renamed-solver"]
+        assert (entry.factory, entry.plugin) == (FakeSolver, "renamed")
+        assert isinstance(adaptation.adapt_solver(Foreign()), SatisfiesAll)
+    finally:
+        undo()
+    assert "flash_register_solvers" in seen and "flash_adapt_solver" in seen
+    assert registry.adapt_solver is adaptation.adapt_solver  # re-exported where flash() imports it
+
+
+class ForeignSampler:
+    """A third-party solver that is no `Solver`: ``sample(y, k, z, seeds)`` instead of ``solve``."""
+
+    def __init__(self, model, num_steps):
+        from flash_plugin.solvers import Sampler
+
+        self._impl = Sampler(model, num_steps=num_steps)
+        self.calls = []
+
+    def sample(self, y, k, z, generators):
+        from flash_plugin.types import StartPoint
+
+        self.calls.append(None if k is None else k.tolist())
+        start = None if k is None else StartPoint(k, z)
+        return self._impl.solve(y, None, start=start, generator=generators)
+
+
+class ForeignSamplerAdapter:
+    """What a third-party plugin's ``flash_adapt_solver`` returns for a `ForeignSampler`."""
+
+    def __init__(self, foreign):
+        self.foreign = foreign
+        self.schedule = foreign._impl.schedule
+
+    def solve(self, y, operator, *, start=None, generator=None):
+        return self.foreign.sample(y, None if start is None else start.step, None if start is None else start.latent, generator)
+
+
+class ForeignEstimator:
+    """A third-party severity model: ``predict(y) -> (latent, variance)``."""
+
+    def predict(self, y):
+        return y.clone(), torch.full((y.shape[0],), 0.05, dtype=torch.float64)
+
+
+class ForeignPlugin:
+    @hookimpl
+    def flash_adapt_solver(self, obj):
+        return ForeignSamplerAdapter(obj) if isinstance(obj, ForeignSampler) else None
+
+    @hookimpl
+    def flash_adapt_severity_estimator(self, obj):
+        if not isinstance(obj, ForeignEstimator):
+            return None
+        from flash_plugin.types import SeverityEstimate
+
+        class Estimator:
+            metadata: dict = {}
+
+            def estimate(self, y):
+                return SeverityEstimate(*obj.predict(y))
+
+        return Estimator()
+
+
+def test_flash_uses_a_third_party_plugins_adaptation(fresh_plugin_manager):
+    """A plugin registered with the plugin manager adapts foreign objects, and `flash()` runs
+    through its adapters: the foreign solver starts each sample at its estimated step."""
+    from flash_plugin import flash
+    from flash_plugin.models.gaussian_oracle import GaussianOracle
+
+    oracle = GaussianOracle(torch.full((2, 2, 2), 0.3), torch.full((2, 2, 2), 0.5))
+    foreign = ForeignSampler(oracle, num_steps=50)
+    with pytest.raises(NotAdaptableError, match="flash_adapt_solver"):
+        flash(foreign, ForeignEstimator())
+    fresh_plugin_manager.register(ForeignPlugin(), name="third-party")
+    flashed = flash(foreign, ForeignEstimator())
+    assert isinstance(flashed.solver, ForeignSamplerAdapter) and flashed.solver.foreign is foreign
+    y = torch.randn(2, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    sol = flashed(y, None, generator=[torch.Generator().manual_seed(i) for i in range(2)])
+    assert foreign.calls and all(k is not None for k in foreign.calls)  # the foreign sampler ran, from k* < N
+    assert 0 < int(sol.start_step[0]) < 50 and torch.equal(sol.nfe, sol.start_step)
 
 
 # --- entry points, environment switches, failures -----------------------------------------------
