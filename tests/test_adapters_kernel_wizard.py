@@ -1,5 +1,6 @@
-"""bkse KernelWizard re-implementation: GoPro architecture (on the meta device, no memory), and a
-tiny random-weight model for shapes, checkpoints, determinism and gradients."""
+"""The bkse adapter (`flash_plugin.adapters.kernel_wizard`): the KernelWizard port's GoPro
+architecture (on the meta device, no memory), a tiny random-weight model for shapes, checkpoints,
+determinism and gradients, and its registration as a plugin."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ import torch
 from safetensors.torch import save_file
 
 from flash_plugin.errors import CheckpointError, FlashInputError
-from flash_plugin.operators import KernelWizard, KernelWizardBlur, KernelWizardConfig, convert_bkse_checkpoint
-from flash_plugin.operators.kernel_wizard import GOPRO_WVAE_CONFIG
+from flash_plugin.adapters.kernel_wizard import (
+    GOPRO_WVAE_CONFIG,
+    KernelWizard,
+    KernelWizardBlur,
+    KernelWizardConfig,
+    convert_bkse_checkpoint,
+)
 
 TINY = KernelWizardConfig(nf=4, front_blocks=1, back_blocks=1, kernel_dim=32, extractor_blocks=1, recon_nf=8)
 
@@ -142,3 +148,37 @@ def test_convert_bkse_pth(tiny_model, tmp_path):
         convert_bkse_checkpoint(pth, tmp_path / "gopro.safetensors")  # wrong config
     with pytest.raises(CheckpointError, match="not found"):
         convert_bkse_checkpoint(tmp_path / "nope.pth", tmp_path / "x.safetensors")
+
+
+def test_registered_as_an_adapter_plugin_through_the_entry_point():
+    """``"kernel-wizard"`` comes from the adapter plugin (entry point ``kernel_wizard``), like the
+    other adapters, no longer from the built-in operators."""
+    import flash_plugin.adapters.kernel_wizard as plugin
+    from flash_plugin import plugins, registry
+    from flash_plugin.operators import OPERATOR_CLASSES
+    from flash_plugin.operators import flash_register_operators as builtin_hook
+
+    registered = {}
+    plugin.flash_register_operators(registered.__setitem__)
+    assert registered == {"kernel-wizard": KernelWizardBlur} and KernelWizardBlur.operator_family == "kernel-wizard"
+    builtin = {}
+    builtin_hook(builtin.__setitem__)
+    assert "kernel-wizard" not in builtin and "kernel-wizard" not in OPERATOR_CLASSES
+    pm = plugins.make_plugin_manager(load_external=True, allow=["kernel_wizard"])
+    entry = registry.get_registration("operators", "kernel-wizard", pm=pm)
+    assert (entry.factory, entry.plugin) == (KernelWizardBlur, "kernel_wizard")
+
+
+def test_old_import_paths_warn_and_still_work():
+    import importlib
+    import sys
+
+    import flash_plugin.operators as operators
+
+    for name in ("KernelWizard", "KernelWizardBlur", "KernelWizardConfig", "convert_bkse_checkpoint"):
+        with pytest.warns(DeprecationWarning, match="flash_plugin.adapters.kernel_wizard"):
+            assert getattr(operators, name) is globals()[name]
+    sys.modules.pop("flash_plugin.operators.kernel_wizard", None)
+    with pytest.warns(DeprecationWarning, match="flash_plugin.adapters.kernel_wizard"):
+        old = importlib.import_module("flash_plugin.operators.kernel_wizard")
+    assert old.KernelWizardBlur is KernelWizardBlur and old.GOPRO_WVAE_CONFIG is GOPRO_WVAE_CONFIG

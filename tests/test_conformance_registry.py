@@ -22,15 +22,8 @@ from flash_plugin import registry
 from flash_plugin.bench.solver_overhead import tiny_components
 from flash_plugin.models.architectures import ldm_alphas_cumprod
 from flash_plugin.models.latent_diffusion import LatentDiffusion
-from flash_plugin.operators import (
-    GaussianBlur,
-    GaussianNoise,
-    KernelWizard,
-    KernelWizardBlur,
-    KernelWizardConfig,
-    NonlinearBlur,
-    RandomInpainting,
-)
+from flash_plugin.adapters.kernel_wizard import KernelWizard, KernelWizardBlur, KernelWizardConfig
+from flash_plugin.operators import GaussianBlur, GaussianNoise, NonlinearBlur, RandomInpainting
 from flash_plugin.operators.presets import TaskPreset
 from flash_plugin.types import SeverityEstimate
 

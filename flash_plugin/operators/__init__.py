@@ -1,16 +1,20 @@
 """Degradation operators ``y = A(x) + σ_y n`` on images ``(B, C, H, W)`` in ``[-1, 1]``.
 
 Families (one module each): `GaussianBlur`, `RandomInpainting`, `NonlinearBlur` (weight-free
-camera shake), `KernelWizardBlur` (the paper's bkse blur, for users with its weights) and
-`GaussianNoise`; the paper's tasks as data in `PRESETS` (`TaskPreset`). All share `BaseOperator`
+camera shake) and `GaussianNoise`; the paper's tasks as data in `PRESETS` (`TaskPreset`). All share `BaseOperator`
 (validation, the ``[-1, 1]`` image range, per-sample parameters, `select`, `to`, noise from the
 caller's generator); the linear ones have a true `adjoint` (`BaseLinearOperator`). Each class
 declares its ``operator_family`` (the registry name of the class, e.g. ``"gaussian-blur"``), the
 name severity estimators are matched against; a preset's family is its class's.
 
 Registered with the plugin manager through `flash_register_operators` (this module is a builtin
-plugin): operator classes and presets are both factories returning an operator.
+plugin): operator classes and presets are both factories returning an operator. The paper's
+learned bkse blur (``"kernel-wizard"``) is third-party model code: the adapter plugin
+`flash_plugin.adapters.kernel_wizard` registers it.
 """
+
+import warnings
+from typing import Any
 
 from flash_plugin.markers import hookimpl
 from flash_plugin.operators.base import (
@@ -24,7 +28,6 @@ from flash_plugin.operators.base import (
 )
 from flash_plugin.operators.gaussian_blur import GaussianBlur
 from flash_plugin.operators.inpainting import RandomInpainting
-from flash_plugin.operators.kernel_wizard import KernelWizard, KernelWizardBlur, KernelWizardConfig, convert_bkse_checkpoint
 from flash_plugin.operators.noise import GaussianNoise
 from flash_plugin.operators.nonlinear_blur import NonlinearBlur
 from flash_plugin.operators.presets import PRESETS, TaskPreset, get_preset
@@ -33,7 +36,6 @@ OPERATOR_CLASSES = {
     "gaussian-blur": GaussianBlur,
     "inpainting": RandomInpainting,
     "motion-blur": NonlinearBlur,
-    "kernel-wizard": KernelWizardBlur,
     "gaussian-noise": GaussianNoise,
 }
 
@@ -44,9 +46,6 @@ __all__ = [
     "GaussianNoise",
     "GeneratorLike",
     "ImageRangeWarning",
-    "KernelWizard",
-    "KernelWizardBlur",
-    "KernelWizardConfig",
     "NonlinearBlur",
     "OPERATOR_CLASSES",
     "PRESETS",
@@ -55,7 +54,6 @@ __all__ = [
     "adjointness_error",
     "check_image_range",
     "check_severity",
-    "convert_bkse_checkpoint",
     "flash_register_operators",
     "get_preset",
 ]
@@ -68,3 +66,16 @@ def flash_register_operators(register):
         register(name, cls)
     for name, preset in PRESETS.items():
         register(name, preset)
+
+
+_MOVED = ("KernelWizard", "KernelWizardBlur", "KernelWizardConfig", "convert_bkse_checkpoint")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        warnings.warn(f"flash_plugin.operators.{name} is deprecated: import it from flash_plugin.adapters.kernel_wizard",
+                      DeprecationWarning, stacklevel=2)
+        from flash_plugin.adapters import kernel_wizard
+
+        return getattr(kernel_wizard, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
