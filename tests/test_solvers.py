@@ -672,3 +672,20 @@ def test_a_model_that_declares_its_dtype_solves_measurements_of_another(tiny, dt
     assert sol.x.dtype == sol.latent.dtype == dtype
     if dtype == torch.float64:
         torch.testing.assert_close(sol.x, ref.x.double(), rtol=0, atol=0)
+
+
+def test_moved_helpers_keep_their_old_import_paths():
+    """One home each (randomness, the guided-solver helpers, select_operator); the old paths re-export them."""
+    import flash_plugin
+    import flash_plugin.operators.base as op_base
+    import flash_plugin.solvers.base as solver_base
+    import flash_plugin.solvers.latent_dps as ldps
+    from flash_plugin.solvers import guidance
+    from flash_plugin.utils import batch, random
+
+    assert flash_plugin.GeneratorLike is random.GeneratorLike is op_base.GeneratorLike
+    assert flash_plugin.randn_per_sample is random.randn_per_sample
+    assert (op_base.randn, op_base.rand) == (random.randn, random.rand)
+    assert solver_base.select_operator is batch.select_operator
+    for name in ("CountingSolver", "add_count", "check_weight", "pad_counts", "per_sample_norm"):
+        assert getattr(ldps, name) is getattr(guidance, name)

@@ -11,27 +11,10 @@ normalised to sum 1 on its support. In a batch, every sample's kernel is built o
 and zero-padded to the largest one, so a batch equals its samples blurred one by one.
 ``s = 0`` is the identity.
 
-Severity ``t ∈ [0, 1]`` maps linearly to the std: ``s(t) = lo + (hi − lo)·t``. The paper uses
-``(0.3, 3.0)`` px on 256-px images (kernel 61, truncate 6). Our images are 32 px, and the range
-`DEFAULT_STD_RANGE` ``= (0.3, 8.0)`` was chosen by measurement on the bundled model: a prototype
-found blur ≤ 2.5 px with ``σ_y = 0.1`` leaves the 8x8 latent almost intact; with ``(0.3, 4.0)``
-the error of a trained severity encoder's ``ẑ`` depended more on the image than on the blur
-(Spearman of that error with ``t`` 0.65 on 400 test images) and the severe end started at only
-``k* ≈ 80`` of 1000; widening to 8 px raised that Spearman to 0.91 and the severe error variance
-to 0.8 (``k*`` well above 100), the regime where the diffusion prior does real work.
-The fixed-std task is the same operator with ``t`` fixed (preset ``gblur-fixed``: ``t = 1``).
-
-Measured PSNR of ``y`` (clipped to ``[-1, 1]``) against ``x``, dB on the ``[0, 1]`` scale, mean
-over the first 64 Fashion-MNIST test images (32x32), default range, noise drawn from
-``torch.Generator().manual_seed(1)``:
-
-============  ==========  ===============
-t (std)       σ_y = 0     σ_y = 0.1
-============  ==========  ===============
-0 (0.3)       57.45       27.78
-0.5 (4.15)    14.06       13.79
-1 (8.0)       11.93       11.74
-============  ==========  ===============
+Severity ``t ∈ [0, 1]`` maps linearly to the std: ``s(t) = lo + (hi − lo)·t``, by default
+`DEFAULT_STD_RANGE` ``= (0.3, 8.0)`` px (the paper's 0.3–3.0 px are for 256-px images; why ours is
+wider, and how degraded the measurements are: docs/operators.md). The fixed-std task is the same
+operator with ``t`` fixed (preset ``gblur-fixed``: ``t = 1``).
 """
 
 from __future__ import annotations

@@ -16,20 +16,7 @@ Two mask laws:
   ``torch.Generator().manual_seed(nested_seed)`` (seed 0 in the paper), identical for every image;
   a pixel is kept iff ``u < ρ(t)``. Masks then depend on ``t`` only.
 
-Measured PSNR of ``y`` (clipped to ``[-1, 1]``) against ``x``, dB on the ``[0, 1]`` scale, mean
-over the first 64 Fashion-MNIST test images (32x32), masks from
-``torch.Generator().manual_seed(0)``, noise from a second generator seeded 1:
-
-===================  ==========  ===============
-t (missing)          σ_y = 0     σ_y = 0.1
-===================  ==========  ===============
-0 (0 %)              ∞ (exact)   27.81
-0.5 (40 %)           11.25       11.13
-1 (80 %)             8.24        8.16
-===================  ==========  ===============
-
-The low values come from the fill value: a missing pixel reads 0 (grey) where Fashion-MNIST's
-background is -1 (black).
+How degraded the measurements are: docs/operators.md.
 """
 
 from __future__ import annotations

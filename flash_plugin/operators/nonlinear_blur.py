@@ -1,6 +1,6 @@
 """Non-linear camera-shake blur: random motion kernels applied in linear intensity space.
 
-A weight-free stand-in for the paper's learned bkse blur (see `kernel_wizard` for that one).
+A weight-free stand-in for the paper's learned bkse blur (that one: `flash_plugin.adapters.kernel_wizard`).
 
 **Kernels.** Camera shake is simulated as a random trajectory of the image plane during the
 exposure, after the random-trajectory model of Boracchi & Foi, "Modeling the performance of
@@ -32,25 +32,9 @@ then ``t = 0`` is the identity; with ``e > 1`` it brightens by ``e^{1/2.4}`` and
 The map is differentiable (the clip has zero gradient where it saturates); it is not linear,
 so it has no adjoint.
 
-Measured PSNR of ``y`` (clipped to ``[-1, 1]``) against ``x``, dB on the ``[0, 1]`` scale, mean
-over the first 64 Fashion-MNIST test images (32x32), defaults (``length_range = LENGTH_RANGE``,
-``exposure = EXPOSURE``), kernels from ``torch.Generator().manual_seed(0)``, noise from a second
-generator seeded 1:
-
-=============  ==========  ===============
-t (length)     σ_y = 0     σ_y = 0.1
-=============  ==========  ===============
-0 (0 px)       30.89       26.13
-0.5 (9 px)     15.11       14.82
-1 (18 px)      12.59       12.41
-=============  ==========  ===============
-
-At ``t = 0`` the kernel is the identity; the 30.9 dB come from the exposure alone (mid-tones
-brightened by ``1.2^{1/2.4} ≈ 1.08``, highlights clipped). ``length_range`` and ``exposure`` are
-parameters. The default length range ``(0, 18)`` px was chosen by measurement on the bundled
-model: with ``(0, 10)`` a trained severity encoder's error depended more on the image than on
-``t`` (Spearman 0.69 on 400 test images) and the severe end started at ``k* ≈ 70`` of 1000;
-at 18 px that Spearman is 0.82 and the severe error variance 0.41 (``k*`` above 100).
+``length_range`` (default `DEFAULT_LENGTH_RANGE` ``= (0, 18)`` px) and ``exposure`` (default
+`DEFAULT_EXPOSURE` ``= 1.2``) are parameters; why these defaults, and how degraded the
+measurements are: docs/operators.md.
 """
 
 from __future__ import annotations

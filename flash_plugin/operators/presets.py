@@ -10,8 +10,8 @@ random-inpainting   `RandomInpainting`  ``U(0.875, 1)``     70–80 % missing pi
 ==================  ==================  ==================  ==============================
 
 All use ``σ_y = 0.1`` on the ``[-1, 1]`` scale (the paper's 0.05 on ``[0, 1]``). Our nonlinear
-blur is the weight-free `NonlinearBlur` (the paper's bkse weights cannot be downloaded here; see
-`KernelWizardBlur` for users who have them). Every number is a field: derive a variant with
+blur is the weight-free `NonlinearBlur` (the paper's bkse weights cannot be downloaded here; the
+adapter `flash_plugin.adapters.kernel_wizard` is for users who have them). Every number is a field: derive a variant with
 ``dataclasses.replace(PRESETS["gblur-varying"], noise_std=0.2)``.
 
 Usage::
