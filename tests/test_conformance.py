@@ -462,12 +462,12 @@ def test_reference_resample_variants_and_time_travel():
     DC event, on purpose) fails exactly the three call-count checks, and the mean check: its travel
     steps call the UNet one level below the ᾱ they use (the upstream's off-by-one), which biases
     the output mean (about 1.06x the data mean from k = N/2 on the oracle)."""
-    from flash_plugin.solvers import ReSample
+    from flash_plugin.solvers import OriginalReSample, ReSample
 
-    for kw in ({}, {"variant": "original", "time_travel": 0}):
-        results = conf.check_solver(lambda m, kw=kw: ReSample(m, num_steps=20, dc_every=3, inner_steps=3, **kw))
+    for cls, kw in ((ReSample, {}), (OriginalReSample, {"time_travel": 0})):
+        results = conf.check_solver(lambda m, cls=cls, kw=kw: cls(m, num_steps=20, dc_every=3, inner_steps=3, **kw))
         assert all(r.status == "passed" for r in results), conf.format_results(results)
-    results = conf.check_solver(lambda m: ReSample(m, num_steps=20, dc_every=3, inner_steps=3, variant="original"))
+    results = conf.check_solver(lambda m: OriginalReSample(m, num_steps=20, dc_every=3, inner_steps=3))
     failed = {r.name for r in results if r.status != "passed"}
     assert failed == {"check_full_solve", "check_start_makes_k_calls", "check_mixed_start_batch_matches_samples_alone",
                       "check_output_mean_from_any_start"}

@@ -493,7 +493,7 @@ def test_invalid_arguments_are_refused(oracle):
         LatentDPS(oracle, zeta=-1.0)
     with pytest.raises(FlashInputError):
         GMLDPS(oracle, gamma=float("nan"))
-    with pytest.raises(FlashInputError):
+    with pytest.raises(FlashInputError), pytest.warns(DeprecationWarning):
         ReSample(oracle, variant="dps")
     with pytest.raises(FlashInputError):
         ReSample(oracle, dps_scale=0.5)  # the flash variant has no DPS step
@@ -655,7 +655,7 @@ def test_resample_alpha_current_is_the_official_mixture(oracle):
     assert seen[0] == 1.0  # level 0: clean
     assert seen[1] == pytest.approx(float(ldm_alphas_cumprod().double()[int(default.schedule.timesteps[1])]), rel=1e-6)
     assert ReSample(oracle, num_steps=20).stochastic_resample(z0, z_prev, 1.0, 0.3, None).equal(z0)
-    with pytest.raises(FlashInputError, match="resample_alpha"):
+    with pytest.raises(FlashInputError, match="resample_alpha"), pytest.warns(DeprecationWarning):
         ReSample(oracle, num_steps=20, variant="original", resample_alpha="current")
 
 

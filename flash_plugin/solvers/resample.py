@@ -180,8 +180,9 @@ class OriginalReSample(HardDCSolver):
     Time travel: before each DC event, ``time_travel`` more unconditional DDIM steps from
     ``z'_{k−1}``; the DC starts from the last one's ``ẑ0ᵖ`` and the resampling still mixes with
     ``z'_{k−1}`` (see `travel`). These are UNet calls and count as NFE (``Solution.nfe`` = steps
-    + ``time_travel`` per DC event), which breaks the one-call-per-step contract: the conformance
-    suite's three call-count checks fail with time travel and pass with ``time_travel=0``.
+    + ``time_travel`` per DC event), which breaks the one-call-per-step contract: with time travel
+    the conformance suite's three call-count checks fail, and its output-mean check (the travel's
+    one-level-off ``ᾱ`` biases the mean); with ``time_travel=0`` every check passes.
 
     Args:
         model: a latent model (``eps``, ``encode``, differentiable ``decode``, ``alphas_cumprod``, ``latent_shape``).
