@@ -203,8 +203,7 @@ def _fake_bench(solver: str, task: str, d_psnr: float) -> dict:
 
 
 def test_suite_covers_the_table_resumes_and_reports_failures(tmp_path, monkeypatch):
-    from flash_plugin.bench import suite
-    from flash_plugin.commands import bench
+    from flash_plugin.bench import paired, suite
     from flash_plugin.errors import FlashInputError
     from flash_plugin.solvers.hparams import TUNED_HPARAMS
 
@@ -217,11 +216,11 @@ def test_suite_covers_the_table_resumes_and_reports_failures(tmp_path, monkeypat
     (tmp_path / "bench_gblur-varying_psld.json").write_text(json.dumps(_fake_bench("psld", "gblur-varying", 0.5)))
     calls = []
 
-    def broken(args):
-        calls.append((args.solver, args.task, args.device))
+    def broken(task, solver, **kwargs):
+        calls.append((solver, task, kwargs["device"]))
         raise RuntimeError("solver exploded")
 
-    monkeypatch.setattr(bench, "run", broken)
+    monkeypatch.setattr(paired, "run_paired", broken)
     common = ["--out", str(tmp_path), "--n-images", "2", "--solvers", "psld", "--tasks", "gblur-varying", "random-inpainting"]
     assert suite.main(common + ["--report-only"]) == 0 and calls == []
     assert suite.main(common) == 1

@@ -68,6 +68,29 @@ def test_no_top_level_adapters_or_conformance_imports():
     assert not offenders, f"import flash_plugin.adapters / flash_plugin.conformance instead, in {offenders}"
 
 
+def test_the_library_never_imports_the_command_line():
+    # The CLI (flash_plugin/commands, flash_plugin/cli.py) parses and prints; everything else is
+    # library code that must not import it (the benchmark logic lives in flash_plugin.bench).
+    import ast
+
+    offenders = []
+    for root in ("flash_plugin", "adapters", "conformance"):
+        for path in sorted((REPO / root).rglob("*.py")):
+            rel = path.relative_to(REPO)
+            if rel.parts[:2] == ("flash_plugin", "commands") or rel.as_posix() == "flash_plugin/cli.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+                else:
+                    continue
+                if any(n in ("flash_plugin.commands", "flash_plugin.cli") or n.startswith("flash_plugin.commands.") for n in names):
+                    offenders.append(f"{rel}:{node.lineno}")
+    assert not offenders, f"library modules import the command line: {offenders}"
+
+
 def test_docs_the_code_cites_are_in_the_repository():
     # Docstrings cite docs/architecture.md by section ("docs/architecture.md, \"Conventions\""): every
     # cited section exists, and no module points at a path outside the repository.

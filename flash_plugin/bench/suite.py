@@ -3,8 +3,8 @@
     python -m flash_plugin.bench.suite --out DIR [--n-images 100] [--device cuda] [--solvers ...] [--tasks ...]
 
 For each pair in `flash_plugin.solvers.hparams.TUNED_HPARAMS` (PSLD has no nonlinear-blur entry)
-it runs ``flash-plugin bench`` (solver from noise vs Flash(solver) vs AE-only, the same test
-images, severities and seeds for every pair), writes its ``bench_<task>_<solver>.json`` to
+it runs the paired benchmark (`flash_plugin.bench.paired`: solver from noise vs Flash(solver) vs
+AE-only, the same test images, severities and seeds for every pair), writes its ``bench_<task>_<solver>.json`` to
 ``--out``, and finally ``suite.md`` and ``suite.json``: one row per pair with the mean PSNR /
 SSIM / NFE of each method, the paired difference Flash − solver with its standard error, and
 FD-FMNIST. A pair whose JSON already exists in ``--out`` with the same settings is not run again
@@ -34,12 +34,6 @@ def pairs(solvers=None, tasks=None) -> list[tuple[str, str]]:
         if bad:
             raise FlashInputError(f"unknown {name} {bad}; the hyperparameter table has {list(known)}")
     return [(s, t) for (s, t) in TUNED_HPARAMS if (not solvers or s in solvers) and (not tasks or t in tasks)]
-
-
-def bench_args(solver: str, task: str, a: argparse.Namespace) -> argparse.Namespace:
-    return argparse.Namespace(task=task, solver=solver, n_images=a.n_images, offset=a.offset, batch_size=a.batch_size,
-                              num_steps=None, solver_arg=[], reuse_baseline=None, methods=["baseline", "flash", "ae"], data=a.data, seed=a.seed,
-                              device=a.device, threads=a.threads, out=a.out, progress=False)
 
 
 def row(d: dict) -> dict:
@@ -78,7 +72,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flash_plugin.commands import bench
+    from flash_plugin.bench import paired
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -93,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--report-only", action="store_true", help="run nothing: tabulate the results already in --out")
     a = p.parse_args(argv)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     out = Path(a.out)
     todo = pairs(a.solvers, a.tasks)
     rows: list[dict] = []
@@ -101,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     for i, (solver, task) in enumerate(todo):
-        path = out / f"bench_{task}_{solver}.json"
+        path = paired.result_path(out, task, solver)
         done = json.loads(path.read_text()) if path.exists() else None
         # A result for the same images and seeds is kept whatever device it ran on (the table names the device).
         same = done is not None and all(done.get(k) == v for k, v in (("n_images", a.n_images), ("offset", a.offset), ("seed", a.seed)))
@@ -111,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         if not same:
             print(f"[suite] {i + 1}/{len(todo)} {solver} on {task} ({time.perf_counter() - t0:.0f} s so far)", file=sys.stderr, flush=True)
             try:
-                bench.run(bench_args(solver, task, a))
+                paired.run_paired(task, solver, n_images=a.n_images, offset=a.offset, batch_size=a.batch_size, data=a.data,
+                                  seed=a.seed, device=a.device, out=out, log=lambda line: print(f"[bench] {line}", file=sys.stderr, flush=True))
             except Exception:  # one broken pair must not cost the others; it is reported in the table
                 traceback.print_exc()
                 failed.append((solver, task, traceback.format_exc(limit=1).strip().splitlines()[-1]))

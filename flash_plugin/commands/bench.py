@@ -14,12 +14,9 @@ other than the table's (recorded under "hparams"; the file name stays the same, 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import time
-from pathlib import Path
-from types import SimpleNamespace
 
+from flash_plugin.bench import paired
+from flash_plugin.bench.paired import reusable_baseline, summarize  # noqa: F401 - their former home, re-exported
 from flash_plugin.commands import _args
 from flash_plugin.errors import FlashInputError
 
@@ -51,64 +48,16 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def summarize(records_by_method: dict, clean, features=None) -> dict:
-    from flash_plugin.metrics import frechet_distance, paired_difference
-
-    import torch
-
-    out: dict = {"methods": {}, "paired": {}}
-    for m, recs in records_by_method.items():
-        out["methods"][m] = {
-            "psnr": sum(r.psnr for r in recs) / len(recs),
-            "ssim": sum(r.ssim for r in recs) / len(recs),
-            "mean_nfe": sum(r.nfe for r in recs) / len(recs),
-            "n": len(recs),
-        }
-        if features is not None and all(r.x is not None for r in recs):
-            out["methods"][m]["fd_fmnist"] = frechet_distance(features(torch.stack([r.x for r in recs])), features(clean))
-    for a, b in (("flash", "baseline"), ("flash", "ae"), ("baseline", "ae")):
-        if a in records_by_method and b in records_by_method:
-            for metric in ("psnr", "ssim"):
-                mean, se, n = paired_difference([getattr(r, metric) for r in records_by_method[a]],
-                                                [getattr(r, metric) for r in records_by_method[b]])
-                out["paired"][f"{a}-{b}:{metric}"] = {"mean": mean, "se": se, "n": n}
-    return out
-
-
 def parse_solver_args(items: list[str], solver: str, task: str) -> dict[str, float]:
     """``["zeta=1.0"]`` -> ``{"zeta": 1.0}``; for a reference solver only the arguments the table has
     for this (solver, task); a plugin's solver takes what its factory takes (checked when built)."""
-    from flash_plugin.solvers.hparams import SOLVERS, get_hparams
-
     out = _args.parse_name_values("--solver-arg", items)
-    if solver in SOLVERS:
-        allowed = get_hparams(solver, task).solver_kwargs()
-        for name in out:
-            if name not in allowed:
-                item = next(i for i in items if i.partition("=")[0].strip() == name)
-                raise FlashInputError(f"--solver-arg {item!r}: expected NAME=VALUE with NAME one of {sorted(allowed)} for {solver} on {task}")
+    allowed = paired.allowed_solver_args(solver, task)
+    for name in out if allowed is not None else ():
+        if name not in allowed:
+            item = next(i for i in items if i.partition("=")[0].strip() == name)
+            raise FlashInputError(f"--solver-arg {item!r}: expected NAME=VALUE with NAME one of {sorted(allowed)} for {solver} on {task}")
     return out
-
-
-def reusable_baseline(path: str | Path, expect: dict, solver_kwargs: dict) -> dict:
-    """The earlier bench JSON at ``path`` if its baseline is what this run would compute, else a clear error."""
-    from flash_plugin.solvers.hparams import FLASH_PARAMS
-
-    try:
-        old = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FlashInputError(f"--reuse-baseline {path}: not a bench JSON ({exc})") from None
-    if not isinstance(old, dict):
-        raise FlashInputError(f"--reuse-baseline {path}: not a bench JSON (a {type(old).__name__}, not an object)")
-    if "baseline" not in old.get("per_image", {}) or "ae" not in old["per_image"]:
-        raise FlashInputError(f"{path} has no per-image baseline and AE-only results to reuse")
-    old_kwargs = {k: v for k, v in old.get("hparams", {}).items() if k not in FLASH_PARAMS and v is not None}
-    diff = {k: (old.get(k), v) for k, v in expect.items() if old.get(k) != v}
-    if old_kwargs != solver_kwargs:
-        diff["solver arguments"] = (old_kwargs, solver_kwargs)
-    if diff:
-        raise FlashInputError(f"cannot reuse the baseline of {path}: it differs in {diff} (earlier, now)")
-    return old
 
 
 def validate(args: argparse.Namespace) -> dict[str, float]:
@@ -129,99 +78,32 @@ def validate(args: argparse.Namespace) -> dict[str, float]:
         raise FlashInputError("--reuse-baseline needs --methods to include baseline and ae (AE-only checks the measurements)")
     _args.check_preset("--task", args.task)
     _args.check_solver("--solver", args.solver)
-    return parse_solver_args(args.solver_arg, args.solver, args.task)
+    overrides = parse_solver_args(args.solver_arg, args.solver, args.task)
+    images, source = paired.benchmark_images(args.data)
+    if args.offset + args.n_images > len(images):
+        raise FlashInputError(f"--offset {args.offset} + --n-images {args.n_images} go past the {len(images)} images of {source}")
+    if args.reuse_baseline:
+        try:
+            paired.read_bench_json(args.reuse_baseline)
+        except FlashInputError as exc:
+            raise FlashInputError(f"--reuse-baseline {exc}") from None
+    return overrides
 
 
 def run(args: argparse.Namespace) -> int:
     overrides = validate(args)
-
-    import torch
-
-    from flash_plugin.bench.reconstruct import build_solver, run_task
-    from flash_plugin.data.fashion_mnist import FashionMNISTNotFound, load_fashion_mnist
-    from flash_plugin.metrics import ClassifierFeatures
-    from flash_plugin.models import load_default_model, load_test_images
-    from flash_plugin.registry import get_operator
-    from flash_plugin.solvers.hparams import FLASH_PARAMS
-
-    if args.num_steps is not None:
-        overrides["num_steps"] = args.num_steps
     if args.threads:
+        import torch
+
         torch.set_num_threads(args.threads)
-    try:
-        images, _ = load_fashion_mnist("test", args.data)
-        source = "Fashion-MNIST test split"
-    except FashionMNISTNotFound:
-        if args.data is not None:  # checked above; a directory that lost its files since then
-            raise FlashInputError(f"--data {args.data}: holds no Fashion-MNIST IDX files") from None
-        images, _ = load_test_images()
-        source = "the 64 bundled test images (Fashion-MNIST data not found)"
-    if args.offset + args.n_images > len(images):
-        raise FlashInputError(f"--offset {args.offset} + --n-images {args.n_images} go past the {len(images)} images of {source}")
-    images = images[args.offset : args.offset + args.n_images].to(args.device)
-    n = len(images)
-    preset = get_operator(args.task)
-    g = torch.Generator().manual_seed(args.seed)
-    severities = preset.sample_severity(n, g).to(torch.float32).to(args.device)
-    model_set = load_default_model(device=args.device)
-    methods = list(args.methods)
-    reused = None
-    if args.reuse_baseline:
-        _, _, settings = build_solver(args.solver, model_set.latent_diffusion, args.task, overrides=overrides)
-        kwargs = {k: v for k, v in settings.items() if k not in FLASH_PARAMS and v is not None}
-        reused = reusable_baseline(args.reuse_baseline, {"task": args.task, "solver": args.solver, "n_images": n,
-                                                        "offset": args.offset, "seed": args.seed, "num_steps": args.num_steps,
-                                                        "severities": severities.cpu().tolist()}, kwargs)
-        methods.remove("baseline")
-    bars = _args.progress_bars(args.progress)
-    by_method: dict = {}
-    runs_wall: dict = {}
-    t0 = time.perf_counter()
-    for i in range(0, n, args.batch_size):
-        sl = slice(i, i + args.batch_size)
-        r = run_task(args.task, model_set, images[sl], severities[sl], solver_name=args.solver, methods=tuple(methods),
-                     seed=args.seed * 1_000_003 + i, progress=bars,
-                     solver_overrides=overrides)
-        for m in methods:
-            by_method.setdefault(m, []).extend(r.by_method(m))
-            runs_wall[m] = runs_wall.get(m, 0.0) + r.wall_s[m]
-        print(f"[bench] {min(i + args.batch_size, n)}/{n} images ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-    if reused is not None:
-        # The same measurements give the same AE-only result (up to float noise): else the batches or seeds differed.
-        worst = max(abs(a.psnr - b["psnr"]) for a, b in zip(by_method["ae"], reused["per_image"]["ae"]))
-        if worst > 0.01:
-            raise FlashInputError(f"cannot reuse the baseline of {args.reuse_baseline}: AE-only differs by up to {worst:.3f} dB "
-                                  "per image, so the measurements differ (another --batch-size?)")
-        by_method["baseline"] = [SimpleNamespace(x=None, **r) for r in reused["per_image"]["baseline"]]
-        runs_wall["baseline"] = reused["methods"]["baseline"]["wall_s"]
-        by_method = {m: by_method[m] for m in args.methods}
-    feats = ClassifierFeatures()
-    summary = summarize(by_method, images.cpu(), feats)
-    for m in args.methods:
-        summary["methods"][m]["wall_s"] = runs_wall[m]
-    if reused is not None:
-        summary["methods"]["baseline"]["fd_fmnist"] = reused["methods"]["baseline"]["fd_fmnist"]
-        summary["baseline_from"] = {"file": str(args.reuse_baseline), "device": reused.get("device"),
-                                    "note": "baseline per-image results, FD and wall time copied from this run"}
-    if "baseline" in runs_wall and "flash" in runs_wall and (reused is None or reused.get("device") == str(args.device)):
-        summary["speedup_wall"] = runs_wall["baseline"] / runs_wall["flash"]  # only when both ran on this device
-    flash_recs = by_method.get("flash", [])
-    summary.update({
-        "task": args.task, "solver": args.solver, "n_images": n, "offset": args.offset, "seed": args.seed, "source": source,
-        "device": str(args.device), "batch_size": args.batch_size, "hparams": build_solver(args.solver, model_set.latent_diffusion, args.task, overrides=overrides)[2],
-        "num_steps": args.num_steps,
-        "start_steps": [r.start_step for r in flash_recs], "sigma2": [r.sigma2 for r in flash_recs],
-        "severities": severities.cpu().tolist(),
-        "per_image": {m: [{"psnr": r.psnr, "ssim": r.ssim, "nfe": r.nfe} for r in recs] for m, recs in by_method.items()},
-    })
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bench_{args.task}_{args.solver}.json"
-    path.write_text(json.dumps(summary, indent=2))
+    summary = paired.run_paired(
+        args.task, args.solver, n_images=args.n_images, offset=args.offset, batch_size=args.batch_size, num_steps=args.num_steps,
+        solver_args=overrides, reuse_baseline=args.reuse_baseline, methods=args.methods, data=args.data, seed=args.seed,
+        device=args.device, out=args.out, progress=_args.progress_bars(args.progress), log=lambda line: _args.stage("bench", line))
     print(f"{'method':<10} {'PSNR':>7} {'SSIM':>7} {'NFE':>8} {'FD-FMNIST':>10} {'wall s':>8}")
     for m, s in summary["methods"].items():
         print(f"{m:<10} {s['psnr']:7.2f} {s['ssim']:7.3f} {s['mean_nfe']:8.1f} {s.get('fd_fmnist', float('nan')):10.2f} {s['wall_s']:8.1f}")
     for k, v in summary["paired"].items():
         print(f"{k:<22} {v['mean']:+.3f} ± {v['se']:.3f} (n={v['n']})")
-    print(f"wrote {path}")
+    print(f"wrote {paired.result_path(args.out, args.task, args.solver)}")
     return 0
