@@ -22,6 +22,24 @@ def test_weights_match_the_manifest():
         assert hashlib.sha256(data).hexdigest() == digest, f"{rel} differs from MANIFEST.sha256"
 
 
+def test_the_manifest_lists_every_safetensors_file():
+    listed = {line.split()[1].removeprefix("./") for line in (DEFAULT_MODEL_DIR / "MANIFEST.sha256").read_text().splitlines() if line.strip()}
+    assert listed == {p.relative_to(DEFAULT_MODEL_DIR).as_posix() for p in DEFAULT_MODEL_DIR.rglob("*.safetensors")}
+
+
+def test_model_card_links_resolve_in_the_repository():
+    """The cards link their records in the repository's results/ folder (outside the package)."""
+    cards = sorted(DEFAULT_MODEL_DIR.rglob("MODEL_CARD.md"))
+    assert len(cards) == 7
+    links = 0
+    for card in cards:
+        for target in re.findall(r"\]\(([^)#]+)\)", card.read_text()):
+            if "://" not in target:
+                links += 1
+                assert (card.parent / target).exists(), f"{card.relative_to(DEFAULT_MODEL_DIR)} links to a missing {target}"
+    assert links >= 20
+
+
 def test_bundle_metadata_and_latent_space():
     bundle = load_default_model()
     ld = bundle.latent_diffusion

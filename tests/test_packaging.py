@@ -148,6 +148,19 @@ def test_ci_runs_the_suite_again_with_the_data_hidden():
 
 # --- build and install --------------------------------------------------------------------------
 
+WEIGHTS_ARC = "flash_plugin/weights/fashion-mnist-32/"
+SHIPPED_WEIGHTS = sorted([
+    "MANIFEST.sha256", "MODEL_CARD.md", "MODEL_CARD_METRICS.json", "hparams.json", "latent_diffusion.json", "schedule.safetensors",
+    "test_images.safetensors",
+    "autoencoder/MODEL_CARD.md", "autoencoder/config.json", "autoencoder/diffusion_pytorch_model.safetensors",
+    "autoencoder/training_summary.json",
+    "unet/MODEL_CARD.md", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/training_summary.json",
+    "classifier/MODEL_CARD.md", "classifier/config.json", "classifier/metrics.json", "classifier/model.safetensors",
+    *(f"severity/{family}/{name}" for family in ("gblur-varying", "nonlinear-blur", "random-inpainting")
+      for name in ("MODEL_CARD.md", "severity_encoder.json", "severity_encoder.safetensors")),
+])
+"""Every file of the bundled model the wheel ships (weights, configs, model cards and the metrics they cite)."""
+
 CHECK_INSTALLED = r"""
 import importlib, json, sys
 from pathlib import Path
@@ -226,6 +239,11 @@ def test_wheel_installs_packages_inside_flash_plugin(tmp_path):
             if arcname not in names:
                 missing.append(arcname)
     assert not missing, f"the wheel lacks {missing}"
+    # The wheel carries what runs and documents the weights; records, logs and figures stay in results/.
+    weights = sorted(n.removeprefix(WEIGHTS_ARC) for n in names if n.startswith(WEIGHTS_ARC))
+    assert weights == SHIPPED_WEIGHTS, f"the wheel's weight files changed: {weights}"
+    records = [n for n in names if n.endswith((".png", ".jsonl")) or re.search(r"/(bench_|tune_|suite64/|benchmarks/|tuning/|training/|logs/)", n)]
+    assert not records, f"benchmark, tuning or training records or figures in the wheel: {records}"
     [entry_points] = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     assert "flash-plugin = flash_plugin.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
