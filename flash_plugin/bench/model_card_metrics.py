@@ -19,8 +19,7 @@ On the Fashion-MNIST test split (10,000 images, 32x32, [-1, 1]) it measures:
 
 It writes ``MODEL_CARD_METRICS.json``, ``samples.png`` (8x8 grid of the first 64 DDIM samples) and
 ``ae_reconstructions.png`` (test images and their reconstructions in alternating rows) to ``--out``.
-With N = 1000 it needs roughly 8 minutes on one idle CPU thread (most of it DDIM sampling); the
-committed run took 16 minutes of wall time on a 2-core machine shared with other jobs.
+Most of its time is DDIM sampling.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Reconstruction runs shared by ``flash-plugin demo``, ``bench`` and ``reconstruct``.
+"""Reconstruction runs shared by the paired benchmark, the demo, tuning and ``flash-plugin reconstruct``.
 
 For one task preset and a set of clean images, `run_task` degrades every image at its own
 severity (per-image seeds for masks, kernels and noise), then reconstructs with

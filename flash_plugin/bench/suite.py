@@ -4,8 +4,8 @@
 
 For each pair in `flash_plugin.solvers.hparams.TUNED_HPARAMS` (PSLD has no nonlinear-blur entry)
 it runs the paired benchmark (`flash_plugin.bench.paired`: solver from noise vs Flash(solver) vs
-AE-only, the same test images, severities and seeds for every pair), writes its ``bench_<task>_<solver>.json`` to
-``--out``, and finally ``suite.md`` and ``suite.json``: one row per pair with the mean PSNR /
+AE-only, the same test images, severities and seeds for every pair), writes its
+``bench_<task>_<solver>.json`` to ``--out``, and finally ``suite.md`` and ``suite.json``: one row per pair with the mean PSNR /
 SSIM / NFE of each method, the paired difference Flash − solver with its standard error, and
 FD-FMNIST. A pair whose JSON already exists in ``--out`` with the same settings is not run again
 (resumable: also a result from another device, which its row names). Wall times are only comparable
