@@ -61,6 +61,15 @@ def test_bundle_metadata_and_latent_space():
     assert total < 30 * 2**20, f"bundled weights are {total / 2**20:.1f} MiB (limit 30)"
 
 
+def test_the_unet_is_stored_in_float16_and_computes_in_float32():
+    from safetensors import safe_open
+
+    with safe_open(str(DEFAULT_MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"F16"}  # see unet/MODEL_CARD.md, "Storage"
+    unet = load_default_model().latent_diffusion.unet
+    assert {p.dtype for p in unet.parameters()} == {torch.float32}
+
+
 def test_registry_loads_the_bundle():
     from flash_plugin.registry import get_model
 

@@ -51,11 +51,12 @@ class DefaultModel:
 
 
 def load_default_model(directory: str | Path | None = None, device: str | torch.device = "cpu") -> DefaultModel:
-    """Load the bundled ``fashion-mnist-32`` model set (or the same layout from ``directory``)."""
+    """Load the bundled ``fashion-mnist-32`` model set (or the same layout from ``directory``), in float32."""
     from flash_plugin.models.latent_diffusion import LatentDiffusion
 
     d = Path(directory) if directory is not None else DEFAULT_MODEL_DIR
     if not d.is_dir():
         raise CheckpointError(f"model directory not found: {d}")
-    ld = LatentDiffusion.from_pretrained(d).to(device)
-    return DefaultModel(latent_diffusion=ld, directory=d)
+    ld = LatentDiffusion.from_pretrained(d)
+    ld.unet.float()  # weights may be stored in float16 (see unet/MODEL_CARD.md); the model computes in float32
+    return DefaultModel(latent_diffusion=ld.to(device), directory=d)
