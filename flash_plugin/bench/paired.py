@@ -124,6 +124,38 @@ def _check(task: str, solver: str, n_images: int, offset: int, batch_size: int, 
         raise FlashInputError(f"solver arguments {bad}: {solver} on {task} takes {sorted(allowed)}")
 
 
+def _run_batches(task, solver, model_set, images, severities, methods, *, batch_size, seed, overrides, progress, log):
+    """Per-image records and wall time per method, ``batch_size`` images per solve (the batch's
+    first index is part of its seed)."""
+    from flash_plugin.bench.reconstruct import run_task
+
+    by_method: dict = {}
+    runs_wall: dict = {}
+    n = len(images)
+    t0 = time.perf_counter()
+    for i in range(0, n, batch_size):
+        sl = slice(i, i + batch_size)
+        r = run_task(task, model_set, images[sl], severities[sl], solver_name=solver, methods=tuple(methods),
+                     seed=seed * 1_000_003 + i, progress=progress, solver_overrides=overrides)
+        for m in methods:
+            by_method.setdefault(m, []).extend(r.by_method(m))
+            runs_wall[m] = runs_wall.get(m, 0.0) + r.wall_s[m]
+        if log is not None:
+            log(f"{min(i + batch_size, n)}/{n} images ({time.perf_counter() - t0:.0f} s)")
+    return by_method, runs_wall
+
+
+def _take_baseline(by_method: dict, runs_wall: dict, reused: dict, path) -> None:
+    """Add the baseline of the earlier result ``reused`` once AE-only shows the measurements agree."""
+    # The same measurements give the same AE-only result (up to float noise): else the batches or seeds differed.
+    worst = max(abs(a.psnr - b["psnr"]) for a, b in zip(by_method["ae"], reused["per_image"]["ae"]))
+    if worst > 0.01:
+        raise FlashInputError(f"cannot reuse the baseline of {path}: AE-only differs by up to {worst:.3f} dB "
+                              "per image, so the measurements differ (another batch size?)")
+    by_method["baseline"] = [SimpleNamespace(x=None, **r) for r in reused["per_image"]["baseline"]]
+    runs_wall["baseline"] = reused["methods"]["baseline"]["wall_s"]
+
+
 def run_paired(
     task: str = "gblur-varying",
     solver: str = "latent-dps",
@@ -153,7 +185,7 @@ def run_paired(
     """
     import torch
 
-    from flash_plugin.bench.reconstruct import build_solver, run_task
+    from flash_plugin.bench.reconstruct import build_solver
     from flash_plugin.metrics import ClassifierFeatures
     from flash_plugin.models import load_default_model
     from flash_plugin.registry import get_operator
@@ -180,26 +212,10 @@ def run_paired(
         reused = reusable_baseline(reuse_baseline, {"task": task, "solver": solver, "n_images": n, "offset": offset, "seed": seed,
                                                     "num_steps": num_steps, "severities": severities.cpu().tolist()}, kwargs)
         to_run.remove("baseline")
-    by_method: dict = {}
-    runs_wall: dict = {}
-    t0 = time.perf_counter()
-    for i in range(0, n, batch_size):
-        sl = slice(i, i + batch_size)
-        r = run_task(task, model_set, images[sl], severities[sl], solver_name=solver, methods=tuple(to_run),
-                     seed=seed * 1_000_003 + i, progress=progress, solver_overrides=overrides)
-        for m in to_run:
-            by_method.setdefault(m, []).extend(r.by_method(m))
-            runs_wall[m] = runs_wall.get(m, 0.0) + r.wall_s[m]
-        if log is not None:
-            log(f"{min(i + batch_size, n)}/{n} images ({time.perf_counter() - t0:.0f} s)")
+    by_method, runs_wall = _run_batches(task, solver, model_set, images, severities, to_run, batch_size=batch_size, seed=seed,
+                                        overrides=overrides, progress=progress, log=log)
     if reused is not None:
-        # The same measurements give the same AE-only result (up to float noise): else the batches or seeds differed.
-        worst = max(abs(a.psnr - b["psnr"]) for a, b in zip(by_method["ae"], reused["per_image"]["ae"]))
-        if worst > 0.01:
-            raise FlashInputError(f"cannot reuse the baseline of {reuse_baseline}: AE-only differs by up to {worst:.3f} dB "
-                                  "per image, so the measurements differ (another batch size?)")
-        by_method["baseline"] = [SimpleNamespace(x=None, **r) for r in reused["per_image"]["baseline"]]
-        runs_wall["baseline"] = reused["methods"]["baseline"]["wall_s"]
+        _take_baseline(by_method, runs_wall, reused, reuse_baseline)
         by_method = {m: by_method[m] for m in methods}
     summary = summarize(by_method, images.cpu(), ClassifierFeatures())
     for m in methods:

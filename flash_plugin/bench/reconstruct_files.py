@@ -197,6 +197,27 @@ def run_config(input: str | Path, *, task: str | None = None, severity: float | 
     }
 
 
+def _measure_batch(config: dict, preset, inputs, names: list[str]):
+    """``(y, operator, clean, severity)`` of one batch: ``inputs`` are the measurements (clean and
+    severity ``None``), or clean images degraded by the preset with each image's own seeds."""
+    import torch
+
+    device = inputs.device
+    if config["measured"]:
+        operator = build_operator(config["operator"], config["operator_args"], len(inputs))
+        return inputs, (operator.to(device) if hasattr(operator, "to") else operator), None, None
+    seed = config["seed"]
+    if config["severity"] is not None:
+        severity = torch.full((len(inputs),), float(config["severity"]), dtype=torch.float64)
+    else:
+        severity = torch.cat([preset.sample_severity(1, torch.Generator().manual_seed(image_seed(seed, n, "severity")))
+                              for n in names]).to(torch.float64)
+    gens = [torch.Generator().manual_seed(image_seed(seed, n, "degrade")) for n in names]
+    operator = preset.make(severity.to(device), generator=gens)
+    y = operator.measure(inputs, generator=gens)
+    return y, (operator.to(device) if hasattr(operator, "to") else operator), inputs, severity
+
+
 def reconstruct_files(input: str | Path, out: str | Path, *, batch_size: int = 8, device: str = "cpu", progress: bool = False,
                       log: Callable[[str], None] | None = None, **settings) -> FilesRun:
     """Reconstruct the images or measurements at ``input`` into ``out`` (``results.json`` is the
@@ -259,23 +280,8 @@ def reconstruct_files(input: str | Path, out: str | Path, *, batch_size: int = 8
         bnames = [names[i] for i in batch]
         t0 = time.perf_counter()
         solve_gens = [torch.Generator().manual_seed(image_seed(seed, n, "solve")) for n in bnames]
-        clean = None
-        severity = None
-        if config["measured"]:
-            y = (y_all[batch] if measured_file else images[batch]).to(device)
-            operator = build_operator(config["operator"], config["operator_args"], len(batch))
-        else:
-            clean = images[batch].to(device)
-            if config["severity"] is not None:
-                severity = torch.full((len(batch),), float(config["severity"]), dtype=torch.float64)
-            else:
-                severity = torch.cat([preset.sample_severity(1, torch.Generator().manual_seed(image_seed(seed, n, "severity")))
-                                      for n in bnames]).to(torch.float64)
-            gens = [torch.Generator().manual_seed(image_seed(seed, n, "degrade")) for n in bnames]
-            operator = preset.make(severity.to(device), generator=gens)
-            y = operator.measure(clean, generator=gens)
-        if hasattr(operator, "to"):
-            operator = operator.to(device)
+        inputs = y_all[batch] if measured_file else images[batch]
+        y, operator, clean, severity = _measure_batch(config, preset, inputs.to(device), bnames)
         sol = flashed(y, operator, generator=solve_gens)
         wall = (time.perf_counter() - t0) / len(batch)
         scores = (psnr(sol.x, clean), ssim(sol.x, clean), psnr(y.clamp(-1, 1), clean)) if clean is not None and y.shape == clean.shape else None
