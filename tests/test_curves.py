@@ -131,3 +131,20 @@ def test_report_finds_a_real_dependence_on_sigma2_and_none_in_noise():
     assert abs(rep["cross_fitted"][0]["vs_fixed"]["diff"]) < 3 * rep["cross_fitted"][0]["vs_fixed"]["se"] + 0.05
     assert rep["oracle"]["vs_fixed_in_sample"]["diff"] > 0.5  # the in-sample oracle is flattered by noise
     assert abs(rep["oracle"]["vs_fixed_replicate"]["diff"]) < 0.3
+
+
+def test_beyond_range_levels_and_a_replicate_share_measurements(tmp_path):
+    from flash_plugin.bench.curves import beyond_range
+
+    assert beyond_range("gblur-varying", 1.5)["family_kwargs"]["std_range"] == [12.0, 12.0]
+    assert beyond_range("random-inpainting", 0.9)["family_kwargs"] == {"max_missing": 0.9}
+    with pytest.raises(Exception, match="missing fraction"):
+        beyond_range("random-inpainting", 1.2)
+    kw = dict(n_images=2, fixed=(2, 3), include_tuned=False, out=tmp_path, n_boot=5,
+              severity_override=beyond_range("random-inpainting", 0.9))
+    a = run_curves("random-inpainting", "latent-dps", **kw, name="a")
+    b = run_curves("random-inpainting", "latent-dps", **kw, name="b", solve_seed=7)
+    assert a["meta"]["severities"] == [pytest.approx(1.0)] * 2
+    # Same measurements (AE-only and σ̂² equal), other solver noise (the solves differ).
+    assert a["settings"]["ae"]["per_image"] == b["settings"]["ae"]["per_image"] and a["sigma2"] == b["sigma2"]
+    assert a["settings"]["fixed:3"]["per_image"]["psnr"] != b["settings"]["fixed:3"]["per_image"]["psnr"]

@@ -132,6 +132,29 @@ def compare_at_equal_nfe(result: dict, label: str, features: dict[str, np.ndarra
     return out
 
 
+def compare_settings(result: dict, label: str, ref: str, features: dict[str, np.ndarray] | None = None, *,
+                     n_boot: int = 200, seed: int = 0) -> dict:
+    """``label`` minus ``ref`` on the same images: paired PSNR/SSIM differences with standard
+    errors, and the FD-FMNIST difference with a paired bootstrap standard error."""
+    from flash_plugin.metrics import frechet_distance
+
+    a, b = result["settings"][label], result["settings"][ref]
+    out: dict[str, Any] = {"label": label, "ref": ref, "mean_nfe": a["mean_nfe"], "ref_mean_nfe": b["mean_nfe"]}
+    for metric in ("psnr", "ssim"):
+        d = np.asarray(a["per_image"][metric]) - np.asarray(b["per_image"][metric])
+        out[metric] = {"diff": float(d.mean()), "se": float(d.std(ddof=1) / math.sqrt(len(d)))}
+    if features is not None and all(k in features for k in (label, ref, "clean")):
+        fa, fb, fc = features[label], features[ref], features["clean"]
+        full = frechet_distance(fa, fc) - frechet_distance(fb, fc)
+        rng = np.random.default_rng(seed)
+        boots = []
+        for _ in range(n_boot):
+            idx = rng.integers(0, len(fa), len(fa))
+            boots.append(frechet_distance(fa[idx], fc[idx]) - frechet_distance(fb[idx], fc[idx]))
+        out["fd_fmnist"] = {"diff": full, "se": float(np.std(boots, ddof=1)), "n_boot": n_boot}
+    return out
+
+
 def _images_path(json_path: Path) -> Path:
     return json_path.with_suffix(".images.safetensors")
 
@@ -166,6 +189,7 @@ def run_curves(
     offset: int = 0,
     split: str = "test",
     seed: int = 0,
+    solve_seed: int | None = None,
     fixed: tuple[int, ...] = (10, 25, 50, 100, 200),
     flash_settings: tuple[tuple[float, float], ...] = (),
     budgets: tuple[float, ...] = (),
@@ -185,7 +209,8 @@ def run_curves(
 
     ``flash_settings`` are ``(c, v)`` pairs; the tuned pair of the solver's table is added when
     ``include_tuned``. ``severity_override`` replaces the preset's severities and operator
-    arguments (robustness runs): ``{"t": float, "family_kwargs": {...}}``.
+    arguments (robustness runs): ``{"t": float, "family_kwargs": {...}}``. ``solve_seed`` (default
+    ``seed``) changes the solvers' noise alone: a replicate on the same measurements.
     """
     from flash_plugin.bench.reconstruct import build_solver, run_task
     from flash_plugin.data.fashion_mnist import FashionMNISTNotFound, load_fashion_mnist
@@ -226,6 +251,8 @@ def run_curves(
     meta = {"task": task, "solver": solver, "split": split, "n_images": n_images, "offset": offset, "seed": seed, "source": source,
             "num_steps": n_steps, "hparams": hparams, "severities": severities.cpu().tolist(),
             "severity_override": severity_override or None}
+    if solve_seed is not None and solve_seed != seed:
+        meta["solve_seed"] = solve_seed
     result: dict = {"meta": meta, "settings": {}}
     if path.is_file():
         old = json.loads(path.read_text())
@@ -261,7 +288,7 @@ def run_curves(
             j = n_images if kind == "budget" else min(i + batch_size, n_images)
             run = run_task(task, model_set, clean[i:j], severities[i:j], solver_name=solver, methods=(method,),
                            seed=seed, flash_config=config, progress=progress, image_index=index[i:j],
-                           **({"preset": preset} if severity_override else {}))
+                           preset=preset, solve_seed=solve_seed)
             recs.extend(run.by_method(method))
         wall = time.perf_counter() - t0
         x = torch.stack([r.x for r in recs])
@@ -299,6 +326,13 @@ def run_curves(
                 result["compare"][label] = compare_at_equal_nfe(result, label, features, seed=seed, n_boot=n_boot)
             except ValueError as exc:
                 result["compare"][label] = {"label": label, "mean_nfe": s["mean_nfe"], "error": str(exc)}
+    # Against the solver from noise (every image at k = N), where the run has it.
+    full = setting_label("fixed", k=n_steps)
+    result["vs_noise"] = {}
+    if full in result["settings"]:
+        for label, s in result["settings"].items():
+            if s["kind"] in ("flash", "budget", "fixed", "ae") and label != full:
+                result["vs_noise"][label] = compare_settings(result, label, full, features, seed=seed, n_boot=n_boot)
     atomic_write_json(path, result)
     return result
 
@@ -322,9 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--split", default="test", choices=["train", "test"], help="Fashion-MNIST split (default test)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--solve-seed", type=int, default=None, help="seed of the solvers' noise alone (a replicate; default --seed)")
     p.add_argument("--fixed", nargs="*", type=int, default=[10, 25, 50, 100, 200], help="fixed start steps")
     p.add_argument("--c", nargs="*", default=[], help="noise corrections c of extra Flash settings (tuned v)")
     p.add_argument("--v", nargs="*", default=[], help="variance scales v of extra Flash settings (tuned c)")
+    p.add_argument("--cv", nargs="*", default=[], metavar="C,V", help="extra Flash settings as c,v pairs, e.g. 1,8")
     p.add_argument("--budgets", nargs="*", default=[], help="mean steps per image of budget settings")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--data", default=None)
@@ -344,7 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     _, tuned, _ = build_solver(args.solver, load_default_model().latent_diffusion, args.task)
     settings = [(c, tuned.variance_scale) for c in _floats(args.c, "--c")]
     settings += [(tuned.noise_correction, v) for v in _floats(args.v, "--v")]
-    result = run_curves(args.task, args.solver, n_images=args.n_images, offset=args.offset, split=args.split, seed=args.seed,
+    for item in args.cv:
+        c, _, v = item.partition(",")
+        settings.append(_floats([c, v], f"--cv {item}"))
+    result = run_curves(args.task, args.solver, n_images=args.n_images, offset=args.offset, split=args.split, seed=args.seed, solve_seed=args.solve_seed,
                         fixed=tuple(args.fixed), flash_settings=tuple(settings), budgets=_floats(args.budgets, "--budgets"),
                         batch_size=args.batch_size, data=args.data, device=args.device, out=args.out,
                         name=args.name or (None if args.beyond is None else f"robust_{args.task}_{args.solver}_{args.beyond:g}"),

@@ -132,15 +132,20 @@ def run_task(
     flash_config: FlashConfig | None = None,
     progress: bool = False,
     image_index: Sequence[int] | None = None,
+    preset: Any = None,
+    solve_seed: int | None = None,
 ) -> TaskRun:
     """Degrade ``clean`` with the preset ``task`` and reconstruct it with each of ``methods``.
 
     ``image_index`` numbers the images for their seeds (default ``0..B-1``): a subset run with
-    the images' own indices sees the same measurements and noise as the full run.
+    the images' own indices sees the same measurements and noise as the full run. ``preset``
+    replaces the registered preset ``task`` (e.g. severities beyond its range); ``solve_seed``
+    (default ``seed``) seeds the solvers' noise alone, for replicates on the same measurements.
     """
     from flash_plugin.registry import get_operator
 
-    preset = get_operator(task)
+    preset = get_operator(task) if preset is None else preset
+    solve_seed = seed if solve_seed is None else solve_seed
     model = model_set.latent_diffusion
     index = list(range(len(clean))) if image_index is None else [int(i) for i in image_index]
     operator, y = degrade(preset, clean, severities, seed, index)
@@ -163,11 +168,11 @@ def run_task(
     for method in methods:
         t0 = time.perf_counter()
         if method == "baseline":
-            sol = solver.solve(y, operator, generator=image_generators(seed, len(clean), offset=50_000, index=index))
+            sol = solver.solve(y, operator, generator=image_generators(solve_seed, len(clean), offset=50_000, index=index))
             wall[method] = time.perf_counter() - t0
             add(method, sol.x, sol.nfe, sol.start_step, None)
         elif method == "flash":
-            sol = flash(solver, encoder, flash_config)(y, operator, generator=image_generators(seed, len(clean), offset=50_000, index=index))
+            sol = flash(solver, encoder, flash_config)(y, operator, generator=image_generators(solve_seed, len(clean), offset=50_000, index=index))
             wall[method] = time.perf_counter() - t0
             add(method, sol.x, sol.nfe, sol.start_step, sol.severity)
         elif method == "ae":

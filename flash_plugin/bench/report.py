@@ -1,0 +1,131 @@
+"""Markdown tables and figures of the stored curves, policy and robustness runs.
+
+    python -m flash_plugin.bench.report results/fashion-mnist-32/curves
+
+reads every ``curves_*.json`` and ``robust_*.json`` in the folder, draws ``<name>.png`` next to each
+curves file and ``robust_<task>_<solver>.png`` per robustness series, and prints the tables that
+BENCHMARKS.md quotes: Flash and the budget points against the fixed-start curve at equal mean NFE,
+the cross-fitted σ̂² start policies, and PSNR beyond the training range.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def _pm(d: dict, digits: int = 2) -> str:
+    return f"{d['diff']:+.{digits}f} ± {d['se']:.{digits}f}"
+
+
+def curves_table(results: list[dict]) -> str:
+    """One row per Flash or budget point: its numbers and its difference from the fixed-start
+    curve at the same mean NFE (paired over images; FD with a bootstrap standard error)."""
+    rows = ["| task | solver | setting | mean NFE | PSNR | SSIM | FD-FMNIST | PSNR − fixed | SSIM − fixed | FD − fixed |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        meta = res["meta"]
+        for label, c in res.get("compare", {}).items():
+            s = res["settings"][label]
+            if "error" in c:
+                rows.append(f"| {meta['task']} | {meta['solver']} | {label} | {s['mean_nfe']:.1f} | {s['psnr']:.2f} | "
+                            f"{s['ssim']:.3f} | {s['fd_fmnist']:.1f} | outside the grid | | |")
+                continue
+            fd = _pm(c["fd_fmnist"], 1) if "fd_fmnist" in c else "n/a"
+            tuned = " (tuned)" if s["params"].get("tuned") else ""
+            rows.append(f"| {meta['task']} | {meta['solver']} | {label}{tuned} | {s['mean_nfe']:.1f} | {s['psnr']:.2f} | "
+                        f"{s['ssim']:.3f} | {s['fd_fmnist']:.1f} | {_pm(c['psnr'])} | {_pm(c['ssim'], 3)} | {fd} |")
+    return "\n".join(rows)
+
+
+def fixed_table(results: list[dict]) -> str:
+    """The fixed-start curves themselves, with AE-only."""
+    rows = ["| task | solver | point | mean NFE | PSNR | SSIM | FD-FMNIST | wall s |", "|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        meta = res["meta"]
+        pts = sorted((s for s in res["settings"].values() if s["kind"] in ("fixed", "ae")), key=lambda s: s["mean_nfe"])
+        for s in pts:
+            rows.append(f"| {meta['task']} | {meta['solver']} | {s['label']} | {s['mean_nfe']:.0f} | {s['psnr']:.2f} | "
+                        f"{s['ssim']:.3f} | {s.get('fd_fmnist', float('nan')):.1f} | {s['wall_s']:.0f} |")
+    return "\n".join(rows)
+
+
+def policy_table(results: list[dict]) -> str:
+    """Per pair: how the best grid step of an image relates to σ̂², and the best cross-fitted
+    σ̂² policy against the fixed-start curve."""
+    from scipy.stats import spearmanr
+
+    from flash_plugin.bench.policy import adaptivity_report, fixed_table as table_of
+
+    rows = ["| task | solver | Spearman(σ̂², best k) | in-sample oracle − fixed (NFE) | best cross-fitted σ̂² policy − fixed (NFE) |",
+            "|---|---|---|---|---|"]
+    for res in results:
+        if "sigma2" not in res or sum(s["kind"] == "fixed" for s in res["settings"].values()) < 3:
+            continue
+        rep = adaptivity_report(res)
+        ks, t = table_of(res)
+        rho = spearmanr(res["sigma2"], ks[t.argmax(1)]).statistic
+        o = rep["oracle"]
+        pts = [p for p in rep["cross_fitted"] if len(p["distinct_steps"]) > 1]
+        best = max(pts, key=lambda p: p["vs_fixed"]["diff"] / max(p["vs_fixed"]["se"], 1e-9)) if pts else None
+        cf = f"{_pm(best['vs_fixed'])} dB ({best['mean_nfe']:.0f})" if best else "no policy uses two steps"
+        rows.append(f"| {res['meta']['task']} | {res['meta']['solver']} | {rho:+.2f} | "
+                    f"{_pm(o['vs_fixed_in_sample'])} dB ({o['mean_nfe']:.0f}) | {cf} |")
+    return "\n".join(rows)
+
+
+def robustness_rows(results: list[dict]) -> list[dict]:
+    rows = []
+    for res in results:
+        level = res["meta"]["severity_override"]["level"]
+        for label, s in res["settings"].items():
+            x = np.asarray(s["per_image"]["psnr"])
+            method = {"ae": "AE-only"}.get(label, label)
+            if s["kind"] == "fixed" and s["params"]["k"] == res["meta"]["num_steps"]:
+                method = "solver from noise"
+            elif s["kind"] == "flash" and s["params"].get("tuned"):
+                method = "Flash (tuned)"
+            rows.append({"task": res["meta"]["task"], "solver": res["meta"]["solver"], "level": level, "method": method,
+                         "psnr": float(x.mean()), "se": float(x.std(ddof=1) / np.sqrt(len(x))), "nfe": s["mean_nfe"],
+                         "fd": s.get("fd_fmnist")})
+    return rows
+
+
+def robustness_table(rows: list[dict]) -> str:
+    out = ["| task | solver | level | method | PSNR ± SE | mean NFE | FD-FMNIST |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["task"], r["solver"], r["level"], r["method"])):
+        out.append(f"| {r['task']} | {r['solver']} | {r['level']:g} | {r['method']} | {r['psnr']:.2f} ± {r['se']:.2f} | "
+                   f"{r['nfe']:.0f} | {r['fd']:.1f} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flash_plugin.bench.curve_figures import plot_curves, plot_robustness
+
+    folder = Path((argv or sys.argv[1:] or ["results/fashion-mnist-32/curves"])[0])
+    curves = [json.loads(p.read_text()) for p in sorted(folder.glob("curves_*.json"))]
+    robust = [json.loads(p.read_text()) for p in sorted(folder.glob("robust_*.json"))]
+    for p, res in zip(sorted(folder.glob("curves_*.json")), curves):
+        plot_curves(res, p.with_suffix(".png"))
+    print("## Fixed-start curves\n\n" + fixed_table(curves))
+    print("\n## Flash and budgets against the fixed-start curve\n\n" + curves_table(curves))
+    print("\n## Start policies\n\n" + policy_table(curves))
+    if robust:
+        rows = robustness_rows(robust)
+        print("\n## Robustness\n\n" + robustness_table(rows))
+        series = defaultdict(list)
+        for r in rows:
+            series[(r["task"], r["solver"])].append(r)
+        for (task, solver), rs in series.items():
+            level_name = "missing fraction" if task == "random-inpainting" else "blur, × the largest training blur"
+            plot_robustness(rs, folder / f"robust_{task}_{solver}.png", title=f"{task} · {solver}", level_name=level_name,
+                            train_max=0.8 if task == "random-inpainting" else 1.0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
