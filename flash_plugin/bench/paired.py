@@ -124,24 +124,90 @@ def _check(task: str, solver: str, n_images: int, offset: int, batch_size: int, 
         raise FlashInputError(f"solver arguments {bad}: {solver} on {task} takes {sorted(allowed)}")
 
 
-def _run_batches(task, solver, model_set, images, severities, methods, *, batch_size, seed, overrides, progress, log):
+def _save_part(folder: Path, start: int, records: dict, wall: dict) -> None:
+    """One finished batch: its records as JSON metadata, its reconstructions as tensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    meta = {m: [{k: v for k, v in vars(r).items() if k != "x"} for r in recs] for m, recs in records.items()}
+    tensors = {m: torch.stack([r.x for r in recs]).contiguous() for m, recs in records.items()}
+    tmp = folder / f"batch_{start:06d}.safetensors.tmp"
+    save_file(tensors, tmp, metadata={"records": json.dumps(meta), "wall": json.dumps(wall)})
+    tmp.replace(folder / f"batch_{start:06d}.safetensors")
+
+
+def _load_parts(folder: Path) -> dict[int, tuple[dict, dict]]:
+    """The batches a stopped run finished, by first index."""
+    from safetensors import safe_open
+
+    from flash_plugin.bench.reconstruct import Record
+
+    done = {}
+    for f in sorted(folder.glob("batch_*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            meta = fh.metadata()
+            recs = {m: [Record(**r, x=x) for r, x in zip(rs, fh.get_tensor(m))] for m, rs in json.loads(meta["records"]).items()}
+        done[int(f.stem.split("_")[1])] = (recs, json.loads(meta["wall"]))
+    return done
+
+
+def _parts_folder(out: str | Path, config: dict) -> Path:
+    """``out/.parts/<task>_<solver>/``, holding finished batches of a run with this ``config``;
+    the batches of a run with another configuration are never mixed in."""
+    folder = Path(out) / ".parts" / f"{config['task']}_{config['solver']}"
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = folder / "config.json"
+    if stamp.is_file():
+        if json.loads(stamp.read_text()) != json.loads(json.dumps(config)):
+            raise FlashInputError(f"{folder} holds batches of a run with other settings; delete it to start over")
+    else:
+        stamp.write_text(json.dumps(config, indent=1))
+    return folder
+
+
+def _run_batches(task, solver, model_set, images, severities, methods, *, batch_size, seed, overrides, progress, log,
+                 shard=None, parts: Path | None = None):
     """Per-image records and wall time per method, ``batch_size`` images per solve (the batch's
-    first index is part of its seed)."""
+    first index is part of its seed). Batches are dealt out over the processes of ``shard`` and
+    exchanged after each round; with ``parts``, finished batches are stored there and a stopped
+    run resumes from them."""
+    from flash_plugin.bench.distributed import Shard
     from flash_plugin.bench.reconstruct import run_task
 
-    by_method: dict = {}
-    runs_wall: dict = {}
+    shard = shard or Shard()
     n = len(images)
+    starts = list(range(0, n, batch_size))
+    done = _load_parts(parts) if parts is not None else {}
+    todo = [i for i in starts if i not in done]
     t0 = time.perf_counter()
-    for i in range(0, n, batch_size):
-        sl = slice(i, i + batch_size)
-        r = run_task(task, model_set, images[sl], severities[sl], solver_name=solver, methods=tuple(methods),
-                     seed=seed * 1_000_003 + i, progress=progress, solver_overrides=overrides)
-        for m in methods:
-            by_method.setdefault(m, []).extend(r.by_method(m))
-            runs_wall[m] = runs_wall.get(m, 0.0) + r.wall_s[m]
+    if log is not None and done:
+        log(f"{len(done)} of {len(starts)} batches done already")
+    for i in shard.rounds(todo):
+        mine = None
+        if i is not None:
+            sl = slice(i, i + batch_size)
+            r = run_task(task, model_set, images[sl], severities[sl], solver_name=solver, methods=tuple(methods),
+                         seed=seed * 1_000_003 + i, progress=progress, solver_overrides=overrides)
+            for rec in r.records:
+                rec.x = rec.x.cpu()
+            mine = (i, {m: r.by_method(m) for m in methods}, dict(r.wall_s))
+        for got in shard.gather(mine):
+            if got is None:
+                continue
+            start, recs, wall = got
+            done[start] = (recs, wall)
+            if parts is not None and shard.is_main:
+                _save_part(parts, start, recs, wall)
         if log is not None:
-            log(f"{min(i + batch_size, n)}/{n} images ({time.perf_counter() - t0:.0f} s)")
+            finished = sum(min(batch_size, n - s) for s in done)
+            log(f"{finished}/{n} images ({time.perf_counter() - t0:.0f} s)")
+    by_method: dict = {m: [] for m in methods}
+    runs_wall: dict = {m: 0.0 for m in methods}
+    for start in starts:
+        recs, wall = done[start]
+        for m in methods:
+            by_method[m].extend(recs[m])
+            runs_wall[m] += wall[m]
     return by_method, runs_wall
 
 
@@ -173,6 +239,7 @@ def run_paired(
     out: str | Path | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    resume: bool = True,
 ) -> dict:
     """Benchmark ``solver`` on ``task``; returns the result and writes it to ``out`` if given.
 
@@ -182,6 +249,12 @@ def run_paired(
     ``reuse_baseline`` takes the baseline's per-image results from an earlier result file instead of
     running it again; it is refused unless the settings agree and AE-only reproduces it, the proof
     that the measurements are the same. ``log`` receives one line per finished batch.
+
+    Under ``torchrun --nproc_per_node=P`` the batches are shared out over the ``P`` processes
+    (`flash_plugin.bench.distributed`; ``device="cuda"`` gives each its own GPU), and every process
+    returns the same merged result, equal image for image to a one-process run; the first writes
+    it. With ``out`` and ``resume``, finished batches are kept in ``out/.parts/`` and a stopped
+    run continues from them.
     """
     import torch
 
@@ -199,6 +272,10 @@ def run_paired(
     images, source = benchmark_images(data)
     if offset + n_images > len(images):
         raise FlashInputError(f"offset {offset} + n_images {n_images} go past the {len(images)} images of {source}")
+    from flash_plugin.bench.distributed import Shard
+
+    shard = Shard.from_env(device)
+    device = shard.device
     images = images[offset : offset + n_images].to(device)
     n = len(images)
     g = torch.Generator().manual_seed(seed)
@@ -212,8 +289,14 @@ def run_paired(
         reused = reusable_baseline(reuse_baseline, {"task": task, "solver": solver, "n_images": n, "offset": offset, "seed": seed,
                                                     "num_steps": num_steps, "severities": severities.cpu().tolist()}, kwargs)
         to_run.remove("baseline")
+    parts = None
+    if out is not None and resume:
+        parts = _parts_folder(out, {"task": task, "solver": solver, "n_images": n, "offset": offset, "seed": seed,
+                                    "batch_size": batch_size, "num_steps": num_steps, "solver_args": settings,
+                                    "methods": to_run, "source": source, "severities": severities.cpu().tolist()})
     by_method, runs_wall = _run_batches(task, solver, model_set, images, severities, to_run, batch_size=batch_size, seed=seed,
-                                        overrides=overrides, progress=progress, log=log)
+                                        overrides=overrides, progress=progress, log=log if shard.is_main else None,
+                                        shard=shard, parts=parts)
     if reused is not None:
         _take_baseline(by_method, runs_wall, reused, reuse_baseline)
         by_method = {m: by_method[m] for m in methods}
@@ -229,13 +312,14 @@ def run_paired(
     flash_recs = by_method.get("flash", [])
     summary.update({
         "task": task, "solver": solver, "n_images": n, "offset": offset, "seed": seed, "source": source,
-        "device": str(device), "batch_size": batch_size, "hparams": settings, "num_steps": num_steps,
+        "device": str(device), "processes": shard.world, "batch_size": batch_size, "hparams": settings, "num_steps": num_steps,
         "start_steps": [r.start_step for r in flash_recs], "sigma2": [r.sigma2 for r in flash_recs],
         "severities": severities.cpu().tolist(),
         "per_image": {m: [{"psnr": r.psnr, "ssim": r.ssim, "nfe": r.nfe} for r in recs] for m, recs in by_method.items()},
     })
-    if out is not None:
+    if out is not None and shard.is_main:
         path = result_path(out, task, solver)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2))
+    shard.barrier()
     return summary

@@ -224,18 +224,20 @@ def reconstruct_files(input: str | Path, out: str | Path, *, batch_size: int = 8
     returned run's ``record``). ``settings`` are the keyword arguments of `run_config` (task,
     severity, operator, operator_args, measured, tuned_for, solver, solver_args, num_steps, model,
     estimator, seed). ``log`` receives the start line and, without ``progress`` bars, one line
-    per batch."""
-    import torch
-
+    per batch. Under ``torchrun`` the batches are shared out over the processes and the merged
+    ``results.json`` equals a one-process run's."""
+    from flash_plugin.bench.distributed import Shard
     from flash_plugin.bench.reconstruct import build_solver
     from flash_plugin.flash import flash
-    from flash_plugin.metrics import psnr, ssim
     from flash_plugin.models import load_default_model
     from flash_plugin.registry import get_operator
     from flash_plugin.utils import checkpoint
 
     config = run_config(input, **settings)
-    say = log or (lambda line: None)
+    shard = Shard.from_env(device)
+    device = shard.device
+    say = (log if shard.is_main else None) or (lambda line: None)
+    progress = progress and shard.is_main
     src, out = Path(input), Path(out)
     seed, measured_file = config["seed"], src.is_file()
     names = list_inputs(src, measured_file)
@@ -276,33 +278,53 @@ def reconstruct_files(input: str | Path, out: str | Path, *, batch_size: int = 8
     # same batch size solves the very batches the uninterrupted run would, bit for bit.
     pending = set(todo)
     batches = [[i for i in range(s, min(s + batch_size, len(names))) if i in pending] for s in range(0, len(names), batch_size)]
-    for batch in (b for b in batches if b):
-        bnames = [names[i] for i in batch]
-        t0 = time.perf_counter()
-        solve_gens = [torch.Generator().manual_seed(image_seed(seed, n, "solve")) for n in bnames]
-        inputs = y_all[batch] if measured_file else images[batch]
-        y, operator, clean, severity = _measure_batch(config, preset, inputs.to(device), bnames)
-        sol = flashed(y, operator, generator=solve_gens)
-        wall = (time.perf_counter() - t0) / len(batch)
-        scores = (psnr(sol.x, clean), ssim(sol.x, clean), psnr(y.clamp(-1, 1), clean)) if clean is not None and y.shape == clean.shape else None
-        for j, name in enumerate(bnames):
-            stem = Path(name).stem
-            checkpoint.atomic_write_bytes(out / "measurements" / f"{stem}.png", png_bytes(y[j]))
-            checkpoint.atomic_write_bytes(out / f"{stem}.png", png_bytes(sol.x[j]))
-            rec = {"start_step": int(sol.start_step[j]), "nfe": int(sol.nfe[j]), "sigma2": float(sol.severity[j]),
-                   "wall_s": wall, "batch_size": len(batch), "output": f"{stem}.png",
-                   "seeds": {p: image_seed(seed, name, p) for p in (("solve",) if clean is None else ("severity", "degrade", "solve"))}}
-            if severity is not None:
-                rec["severity"] = float(severity[j])
-            if scores is not None:
-                rec.update(psnr=float(scores[0][j]), ssim=float(scores[1][j]), measurement_psnr=float(scores[2][j]))
-            results[name] = rec
+    # Under torchrun the batches are dealt out round by round; each process writes its own images
+    # and the first writes results.json after every round.
+    for batch in shard.rounds([b for b in batches if b]):
+        new = {} if batch is None else _solve_batch(batch, names, seed, measured_file, y_all if measured_file else images,
+                                                    config, preset, flashed, device, out)
+        for part in shard.gather(new):
+            results.update(part)
         record["images"] = dict(sorted(results.items()))
-        checkpoint.atomic_write_json(out / RESULTS, record)
+        if shard.is_main:
+            checkpoint.atomic_write_json(out / RESULTS, record)
         if bar is not None:
-            bar.update(len(batch))
+            bar.update(len(results) - bar.n)
         else:
             say(f"{len(results)}/{len(names)} images ({time.perf_counter() - t_start:.0f} s)")
     if bar is not None:
         bar.close()
+    shard.barrier()
     return FilesRun(record, names, len(todo))
+
+
+def _solve_batch(batch: list[int], names: list[str], seed: int, measured_file: bool, inputs_all, config: dict, preset,
+                 flashed, device: str, out: Path) -> dict:
+    """Reconstruct one batch, write its PNGs, and return its records by name."""
+    import torch
+
+    from flash_plugin.metrics import psnr, ssim
+    from flash_plugin.utils import checkpoint
+
+    results = {}
+    bnames = [names[i] for i in batch]
+    t0 = time.perf_counter()
+    solve_gens = [torch.Generator().manual_seed(image_seed(seed, n, "solve")) for n in bnames]
+    inputs = inputs_all[batch]
+    y, operator, clean, severity = _measure_batch(config, preset, inputs.to(device), bnames)
+    sol = flashed(y, operator, generator=solve_gens)
+    wall = (time.perf_counter() - t0) / len(batch)
+    scores = (psnr(sol.x, clean), ssim(sol.x, clean), psnr(y.clamp(-1, 1), clean)) if clean is not None and y.shape == clean.shape else None
+    for j, name in enumerate(bnames):
+        stem = Path(name).stem
+        checkpoint.atomic_write_bytes(out / "measurements" / f"{stem}.png", png_bytes(y[j]))
+        checkpoint.atomic_write_bytes(out / f"{stem}.png", png_bytes(sol.x[j]))
+        rec = {"start_step": int(sol.start_step[j]), "nfe": int(sol.nfe[j]), "sigma2": float(sol.severity[j]),
+               "wall_s": wall, "batch_size": len(batch), "output": f"{stem}.png",
+               "seeds": {p: image_seed(seed, name, p) for p in (("solve",) if clean is None else ("severity", "degrade", "solve"))}}
+        if severity is not None:
+            rec["severity"] = float(severity[j])
+        if scores is not None:
+            rec.update(psnr=float(scores[0][j]), ssim=float(scores[1][j]), measurement_psnr=float(scores[2][j]))
+        results[name] = rec
+    return results

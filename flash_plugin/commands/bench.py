@@ -8,7 +8,10 @@ Fréchet distance in the features of flash-plugin's own Fashion-MNIST classifier
 not Inception FID) of each method's reconstructions vs. the clean images. Writes
 ``bench_<task>_<solver>.json`` to ``--out``. ``--solver-arg zeta=1.0`` runs with a solver argument
 other than the table's (recorded under "hparams"; the file name stays the same, so give another
-``--out``).
+``--out``). Finished batches are kept in ``--out``/.parts, so a stopped run continues where it
+stopped. On several processes: ``torchrun --nproc_per_node=P -m flash_plugin.cli bench ...``
+shares the batches out (gloo on CPU, one GPU each with ``--device cuda``) and writes one result,
+equal image for image to a one-process run with the same ``--batch-size``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the severities, measurements and solvers (default 0)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep finished batches in OUT/.parts and continue a stopped run from them (default: on)")
     p.add_argument("--out", default="flash-bench", help="output directory (default ./flash-bench)")
     _args.add_progress_option(p)
     p.set_defaults(func=run)
@@ -90,6 +95,12 @@ def validate(args: argparse.Namespace) -> dict[str, float]:
     return overrides
 
 
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
 def run(args: argparse.Namespace) -> int:
     overrides = validate(args)
     if args.threads:
@@ -99,7 +110,10 @@ def run(args: argparse.Namespace) -> int:
     summary = paired.run_paired(
         args.task, args.solver, n_images=args.n_images, offset=args.offset, batch_size=args.batch_size, num_steps=args.num_steps,
         solver_args=overrides, reuse_baseline=args.reuse_baseline, methods=args.methods, data=args.data, seed=args.seed,
-        device=args.device, out=args.out, progress=_args.progress_bars(args.progress), log=lambda line: _args.stage("bench", line))
+        device=args.device, out=args.out, progress=_args.progress_bars(args.progress) and _rank() == 0,
+        log=lambda line: _args.stage("bench", line), resume=args.resume)
+    if _rank() != 0:  # under torchrun the first process reports
+        return 0
     print(f"{'method':<10} {'PSNR':>7} {'SSIM':>7} {'NFE':>8} {'FD-FMNIST':>10} {'wall s':>8}")
     for m, s in summary["methods"].items():
         print(f"{m:<10} {s['psnr']:7.2f} {s['ssim']:7.3f} {s['mean_nfe']:8.1f} {s.get('fd_fmnist', float('nan')):10.2f} {s['wall_s']:8.1f}")

@@ -23,13 +23,16 @@ divided by the batch's images) and its seed. Every image has its own seeds (from
 image's name), so its result does not depend on the batch it lands in (up to float rounding,
 a grey level in rare pixels). The JSON and the PNGs are written atomically after every batch: a
 run that is killed keeps every finished batch, and running the same command again skips the
-images already done and solves the same batches as an uninterrupted run.
+images already done and solves the same batches as an uninterrupted run. On several processes,
+torchrun --nproc_per_node=P -m flash_plugin.cli reconstruct ... shares the batches out and writes
+the same results.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import os
 from pathlib import Path
 
 from flash_plugin.bench import reconstruct_files as files
@@ -163,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     done = files.reconstruct_files(args.input, args.out, batch_size=args.batch_size, device=args.device,
                                    progress=_args.progress_bars(args.progress), log=lambda line: _args.stage("reconstruct", line),
                                    **settings)
-    if not done.solved:
+    if not done.solved or int(os.environ.get("RANK", "0")) != 0:  # under torchrun the first process reports
         return 0
     recs = [done.record["images"][n] for n in done.names]
     mean_nfe = sum(r["nfe"] for r in recs) / len(recs)
