@@ -8,6 +8,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import pytest
+
 from flash_plugin.solvers import hparams
 from flash_plugin.solvers.hparams import PAPER_HPARAMS, TUNED_HPARAMS, load_evidence
 
@@ -65,3 +67,32 @@ def test_baseline_checks_are_what_the_records_measured():
         res = rec["results"][c["task"]]
         assert {k: round(v["psnr"], 2) for k, v in res.items()} == c["psnr_db_by_value"]
         assert c["best_value"] == float(max(res, key=lambda v: res[v]["psnr"]))
+
+
+def test_goals_are_named_presets_of_the_flash_settings():
+    from flash_plugin.errors import FlashInputError
+    from flash_plugin.solvers.hparams import PERCEPTUAL_VARIANCE_FACTOR, get_hparams
+
+    for solver, task in (("latent-dps", "gblur-varying"), ("resample", "nonlinear-blur")):
+        fid, per = get_hparams(solver, task), get_hparams(solver, task, goal="perceptual")
+        assert get_hparams(solver, task, goal="fidelity") == fid
+        assert per.variance_scale == fid.variance_scale * PERCEPTUAL_VARIANCE_FACTOR
+        assert (per.zeta, per.gamma, per.gamma_rs, per.noise_correction) == (fid.zeta, fid.gamma, fid.gamma_rs, fid.noise_correction)
+    with pytest.raises(FlashInputError, match="goal must be one of fidelity, perceptual"):
+        get_hparams("latent-dps", "gblur-varying", goal="pretty")
+
+
+def test_a_perceptual_flash_starts_later_on_the_same_measurements():
+    import torch
+
+    from flash_plugin.bench.reconstruct import run_task
+    from flash_plugin.models import load_default_model, load_test_images
+
+    images, _ = load_test_images()
+    model_set = load_default_model()
+    sev = torch.tensor([0.3, 0.8])
+    kw = dict(methods=("flash",), solver_overrides={"num_steps": 20})
+    fid = run_task("gblur-varying", model_set, images[:2], sev, **kw).by_method("flash")
+    per = run_task("gblur-varying", model_set, images[:2], sev, goal="perceptual", **kw).by_method("flash")
+    assert all(p.start_step > f.start_step for p, f in zip(per, fid))
+    assert [p.sigma2 for p in per] == [f.sigma2 for f in fid]

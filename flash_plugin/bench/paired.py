@@ -166,7 +166,7 @@ def _parts_folder(out: str | Path, config: dict) -> Path:
 
 
 def _run_batches(task, solver, model_set, images, severities, methods, *, batch_size, seed, overrides, progress, log,
-                 shard=None, parts: Path | None = None):
+                 shard=None, parts: Path | None = None, goal: str = "fidelity"):
     """Per-image records and wall time per method, ``batch_size`` images per solve (the batch's
     first index is part of its seed). Batches are dealt out over the processes of ``shard`` and
     exchanged after each round; with ``parts``, finished batches are stored there and a stopped
@@ -187,7 +187,7 @@ def _run_batches(task, solver, model_set, images, severities, methods, *, batch_
         if i is not None:
             sl = slice(i, i + batch_size)
             r = run_task(task, model_set, images[sl], severities[sl], solver_name=solver, methods=tuple(methods),
-                         seed=seed * 1_000_003 + i, progress=progress, solver_overrides=overrides)
+                         seed=seed * 1_000_003 + i, progress=progress, solver_overrides=overrides, goal=goal)
             for rec in r.records:
                 rec.x = rec.x.cpu()
             mine = (i, {m: r.by_method(m) for m in methods}, dict(r.wall_s))
@@ -240,6 +240,7 @@ def run_paired(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     resume: bool = True,
+    goal: str = "fidelity",
 ) -> dict:
     """Benchmark ``solver`` on ``task``; returns the result and writes it to ``out`` if given.
 
@@ -254,7 +255,8 @@ def run_paired(
     (`flash_plugin.bench.distributed`; ``device="cuda"`` gives each its own GPU), and every process
     returns the same merged result, equal image for image to a one-process run; the first writes
     it. With ``out`` and ``resume``, finished batches are kept in ``out/.parts/`` and a stopped
-    run continues from them.
+    run continues from them. ``goal="perceptual"`` runs Flash with the perceptual settings
+    (`flash_plugin.solvers.hparams.get_hparams`); the baseline does not depend on it.
     """
     import torch
 
@@ -281,7 +283,7 @@ def run_paired(
     g = torch.Generator().manual_seed(seed)
     severities = get_operator(task).sample_severity(n, g).to(torch.float32).to(device)
     model_set = load_default_model(device=device)
-    settings = build_solver(solver, model_set.latent_diffusion, task, overrides=overrides)[2]
+    settings = build_solver(solver, model_set.latent_diffusion, task, overrides=overrides, goal=goal)[2]
     to_run = list(methods)
     reused = None
     if reuse_baseline is not None:
@@ -293,10 +295,10 @@ def run_paired(
     if out is not None and resume:
         parts = _parts_folder(out, {"task": task, "solver": solver, "n_images": n, "offset": offset, "seed": seed,
                                     "batch_size": batch_size, "num_steps": num_steps, "solver_args": settings,
-                                    "methods": to_run, "source": source, "severities": severities.cpu().tolist()})
+                                    "methods": to_run, "source": source, "goal": goal, "severities": severities.cpu().tolist()})
     by_method, runs_wall = _run_batches(task, solver, model_set, images, severities, to_run, batch_size=batch_size, seed=seed,
                                         overrides=overrides, progress=progress, log=log if shard.is_main else None,
-                                        shard=shard, parts=parts)
+                                        shard=shard, parts=parts, goal=goal)
     if reused is not None:
         _take_baseline(by_method, runs_wall, reused, reuse_baseline)
         by_method = {m: by_method[m] for m in methods}
@@ -312,7 +314,7 @@ def run_paired(
     flash_recs = by_method.get("flash", [])
     summary.update({
         "task": task, "solver": solver, "n_images": n, "offset": offset, "seed": seed, "source": source,
-        "device": str(device), "processes": shard.world, "batch_size": batch_size, "hparams": settings, "num_steps": num_steps,
+        "device": str(device), "processes": shard.world, "goal": goal, "batch_size": batch_size, "hparams": settings, "num_steps": num_steps,
         "start_steps": [r.start_step for r in flash_recs], "sigma2": [r.sigma2 for r in flash_recs],
         "severities": severities.cpu().tolist(),
         "per_image": {m: [{"psnr": r.psnr, "ssim": r.ssim, "nfe": r.nfe} for r in recs] for m, recs in by_method.items()},

@@ -91,21 +91,26 @@ def _accepts(factory: Any, name: str) -> bool:
 
 
 def build_solver(name: str, model: Any, task: str, *, overrides: dict | None = None,
-                 progress: bool = False) -> tuple[Any, FlashConfig, dict]:
+                 progress: bool = False, goal: str = "fidelity") -> tuple[Any, FlashConfig, dict]:
     """``(solver, flash_config, settings)`` for the solver registered as ``name``.
 
     A reference solver (`flash_plugin.solvers.hparams.SOLVERS`) gets the tuned table entry of
     ``task`` with ``overrides`` on top; any other registered factory is called as
     ``factory(model, **overrides)`` (plus ``progress`` if it takes it) and runs with the default
-    `FlashConfig`. ``settings`` is what the solver was built with, for the records.
+    `FlashConfig`. ``goal`` (``"fidelity"`` or ``"perceptual"``) picks the Flash settings
+    (`flash_plugin.solvers.hparams.get_hparams`). ``settings`` is what the solver was built with,
+    for the records.
     """
     from flash_plugin.registry import adapt_solver, get_solver
-    from flash_plugin.solvers.hparams import SOLVERS, get_hparams, make_solver
+    from flash_plugin.solvers.hparams import GOALS, PERCEPTUAL_VARIANCE_FACTOR, SOLVERS, get_hparams, make_solver
+
+    if goal not in GOALS:
+        raise FlashInputError(f"goal must be one of {', '.join(GOALS)}, got {goal!r}")
 
     overrides = dict(overrides or {})
     factory = get_solver(name)
     if SOLVERS.get(name) is factory:
-        hp = get_hparams(name, task)
+        hp = get_hparams(name, task, goal=goal)
         solver = make_solver(name, model, task=task, progress=progress, **overrides)
         settings = {**asdict(hp), **{k: v for k, v in overrides.items() if k != "num_steps"}}
         return solver, FlashConfig(**hp.flash_kwargs()), settings
@@ -116,7 +121,8 @@ def build_solver(name: str, model: Any, task: str, *, overrides: dict | None = N
         if not _accepts(factory, key):
             raise FlashInputError(f"solver {name!r} takes no argument {key!r} (its factory is {factory!r})")
     solver = adapt_solver(factory(model, **kwargs))
-    return solver, FlashConfig(), {k: v for k, v in overrides.items() if k != "num_steps"}
+    config = FlashConfig(variance_scale=PERCEPTUAL_VARIANCE_FACTOR) if goal == "perceptual" else FlashConfig()
+    return solver, config, {k: v for k, v in overrides.items() if k != "num_steps"}
 
 
 def run_task(
@@ -134,6 +140,7 @@ def run_task(
     image_index: Sequence[int] | None = None,
     preset: Any = None,
     solve_seed: int | None = None,
+    goal: str = "fidelity",
 ) -> TaskRun:
     """Degrade ``clean`` with the preset ``task`` and reconstruct it with each of ``methods``.
 
@@ -149,7 +156,7 @@ def run_task(
     model = model_set.latent_diffusion
     index = list(range(len(clean))) if image_index is None else [int(i) for i in image_index]
     operator, y = degrade(preset, clean, severities, seed, index)
-    solver, tuned_config, _ = build_solver(solver_name, model, task, overrides=solver_overrides, progress=progress)
+    solver, tuned_config, _ = build_solver(solver_name, model, task, overrides=solver_overrides, progress=progress, goal=goal)
     if task not in ENCODER_FOR_TASK and ("flash" in methods or "ae" in methods):
         raise FlashInputError(f"no bundled severity encoder for task {task!r}; bundled: {', '.join(sorted(set(ENCODER_FOR_TASK.values())))}")
     encoder = model_set.severity_encoder(ENCODER_FOR_TASK[task]) if task in ENCODER_FOR_TASK else None

@@ -46,6 +46,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the severities, measurements and solvers (default 0)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--goal", default="fidelity", choices=["fidelity", "perceptual"],
+                   help="Flash settings: fidelity (tuned for PSNR, default) or perceptual (later starts, lower FD-FMNIST)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="keep finished batches in OUT/.parts and continue a stopped run from them (default: on)")
     p.add_argument("--out", default="flash-bench", help="output directory (default ./flash-bench)")
@@ -111,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         args.task, args.solver, n_images=args.n_images, offset=args.offset, batch_size=args.batch_size, num_steps=args.num_steps,
         solver_args=overrides, reuse_baseline=args.reuse_baseline, methods=args.methods, data=args.data, seed=args.seed,
         device=args.device, out=args.out, progress=_args.progress_bars(args.progress) and _rank() == 0,
-        log=lambda line: _args.stage("bench", line), resume=args.resume)
+        log=lambda line: _args.stage("bench", line), resume=args.resume, goal=args.goal)
     if _rank() != 0:  # under torchrun the first process reports
         return 0
     print(f"{'method':<10} {'PSNR':>7} {'SSIM':>7} {'NFE':>8} {'FD-FMNIST':>10} {'wall s':>8}")

@@ -77,6 +77,8 @@ def add_parser(subparsers) -> None:
                         "or a registered estimator); default: the bundled encoder for the task")
     p.add_argument("--batch-size", type=int, default=8, help="images per solve (default 8; results do not depend on it)")
     p.add_argument("--seed", type=int, default=0, help="seed from which every image's own seeds derive (default 0)")
+    p.add_argument("--goal", default="fidelity", choices=["fidelity", "perceptual"],
+                   help="Flash settings: fidelity (tuned for PSNR, default) or perceptual (later starts, lower FD-FMNIST)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     _args.add_progress_option(p)
@@ -154,7 +156,8 @@ def validate(args: argparse.Namespace) -> dict:
         check_operator_args(args.operator, operator_params)
     return {"task": task, "severity": args.severity, "operator": args.operator, "operator_args": operator_params,
             "measured": measured, "tuned_for": tuned_for, "solver": args.solver, "solver_args": solver_params,
-            "num_steps": args.num_steps, "model": args.model, "estimator": args.estimator, "seed": args.seed}
+            "num_steps": args.num_steps, "model": args.model, "estimator": args.estimator, "seed": args.seed,
+            "goal": args.goal}
 
 
 def run(args: argparse.Namespace) -> int:

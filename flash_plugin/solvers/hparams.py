@@ -19,7 +19,7 @@ over unchanged; every other setting is the solver class's default.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -124,6 +124,13 @@ def load_evidence(path: str | Path = EVIDENCE_PATH) -> dict[tuple[str, str], dic
 
 
 HparamSource = Literal["tuned", "paper"]
+Goal = Literal["fidelity", "perceptual"]
+GOALS: tuple[str, ...] = ("fidelity", "perceptual")
+
+PERCEPTUAL_VARIANCE_FACTOR = 4.0
+"""The ``perceptual`` goal multiplies the entry's ``v`` by this: every image starts later and runs
+about 2.5 times the steps, which lowers FD-FMNIST and costs no PSNR on this model; a larger ``c``
+lowers FD less and costs PSNR (measurements: BENCHMARKS.md, "Perception and distortion")."""
 
 
 def _check_solver_name(name: str) -> None:
@@ -131,8 +138,21 @@ def _check_solver_name(name: str) -> None:
         raise UnknownPluginNameError(f"unknown solver {name!r}; the reference solvers are {', '.join(SOLVERS)}")
 
 
-def get_hparams(solver: str, task: str, *, source: HparamSource = "tuned") -> SolverHparams:
-    """The table entry of ``solver`` for ``task`` (``source="paper"`` for the paper's values)."""
+def get_hparams(solver: str, task: str, *, source: HparamSource = "tuned", goal: Goal = "fidelity") -> SolverHparams:
+    """The table entry of ``solver`` for ``task`` (``source="paper"`` for the paper's values).
+
+    ``goal="fidelity"`` is the entry as tuned for PSNR; ``goal="perceptual"`` trades compute for
+    lower FD-FMNIST (its ``v`` times `PERCEPTUAL_VARIANCE_FACTOR`).
+    """
+    if goal not in GOALS:
+        raise FlashInputError(f"goal must be one of {', '.join(GOALS)}, got {goal!r}")
+    hp = _entry(solver, task, source)
+    if goal == "perceptual":
+        hp = replace(hp, variance_scale=hp.variance_scale * PERCEPTUAL_VARIANCE_FACTOR)
+    return hp
+
+
+def _entry(solver: str, task: str, source: str) -> SolverHparams:
     _check_solver_name(solver)
     if task not in TASKS:
         raise FlashInputError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
