@@ -7,7 +7,7 @@
   for C > 1).
 * `frechet_distance`, `frechet_distance_from_stats`: the Fréchet (2-Wasserstein) distance between
   Gaussians fitted to two feature sets, in float64, via an eigenvalue formula (no ``sqrtm``).
-* `ClassifierFeatures`: 128-d penultimate-layer features of flash-plugin's own Fashion-MNIST
+* `flash_plugin.models.classifier.ClassifierFeatures` (formerly here): 128-d penultimate-layer features of flash-plugin's own Fashion-MNIST
   classifier (`flash_plugin.models.classifier`). The Fréchet distance in this space is reported as
   **FD-FMNIST**. It is *not* Inception FID (the package must work offline and bundles no
   Inception weights) and its values are not comparable to FID numbers in the literature.
@@ -32,7 +32,6 @@ import torch
 from flash_plugin.errors import FlashInputError
 
 __all__ = [
-    "ClassifierFeatures",
     "center_crop",
     "feature_statistics",
     "frechet_distance",
@@ -228,79 +227,6 @@ def frechet_distance(feats_a: Any, feats_b: Any) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# classifier features
-# ---------------------------------------------------------------------------------------------
-class ClassifierFeatures:
-    """Penultimate-layer (128-d) features and predictions of flash-plugin's Fashion-MNIST classifier.
-
-    Args:
-        classifier: a `flash_plugin.models.classifier.FashionClassifier`; by default the bundled one
-            (`load_classifier()`).
-        batch_size: images per forward pass.
-        clip: clip inputs to [-1, 1] first (generated samples can overshoot slightly).
-
-    ``feats = ClassifierFeatures()(images)`` gives float64 ``(N, 128)``; use them with
-    `frechet_distance` for FD-FMNIST.
-    """
-
-    def __init__(self, classifier: torch.nn.Module | None = None, *, batch_size: int = 500, clip: bool = True):
-        if classifier is None:
-            from flash_plugin.models.classifier import load_classifier
-
-            classifier = load_classifier()
-        if not hasattr(classifier, "features") or not hasattr(classifier, "head"):
-            raise FlashInputError(f"classifier must have features() and head (a FashionClassifier), got {type(classifier).__name__}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise FlashInputError(f"batch_size must be a positive int, got {batch_size!r}")
-        self.classifier = classifier.eval()
-        self.batch_size = batch_size
-        self.clip = clip
-        self.image_shape = tuple(getattr(classifier, "image_shape", (1, 32, 32)))
-        self.feature_dim = int(getattr(classifier, "feature_dim", 128))
-
-    def _check(self, x: Any) -> torch.Tensor:
-        x = _as_float_tensor(x, "images")
-        if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
-            raise FlashInputError(f"images must have shape (B, {', '.join(map(str, self.image_shape))}), got {tuple(x.shape)}")
-        if x.shape[0] == 0:
-            raise FlashInputError("images are empty (batch size 0)")
-        x = x.detach().to(torch.float32)
-        if not torch.all(torch.isfinite(x)):
-            raise FlashInputError("images contain NaN or Inf")
-        return x.clamp(-1.0, 1.0) if self.clip else x
-
-    def _run(self, x: Any, fn) -> torch.Tensor:
-        x = self._check(x)
-        dev = next(self.classifier.parameters()).device
-        outs = []
-        with torch.no_grad():
-            for i in range(0, x.shape[0], self.batch_size):
-                outs.append(fn(x[i : i + self.batch_size].to(dev)).cpu())
-        return torch.cat(outs)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Features ``(N, feature_dim)``, float64."""
-        return self._run(x, self.classifier.features).to(torch.float64)
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(x, self.classifier)
-
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Predicted class indices, LongTensor ``[N]``."""
-        return self.logits(x).argmax(dim=1)
-
-    def features_and_predictions(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both in one pass: features float64 ``(N, D)`` and predicted classes ``[N]``."""
-
-        def both(b: torch.Tensor) -> torch.Tensor:
-            f = self.classifier.features(b)
-            return torch.cat([f, self.classifier.head(f).argmax(dim=1, keepdim=True).to(f.dtype)], dim=1)
-
-        out = self._run(x, both)
-        return out[:, :-1].to(torch.float64), out[:, -1].round().to(torch.long)
-
-
-# ---------------------------------------------------------------------------------------------
 # statistics and bookkeeping
 # ---------------------------------------------------------------------------------------------
 def _check_vector(a: Any, name: str) -> np.ndarray:
@@ -403,3 +329,16 @@ def spearman(a, b) -> float:
     if torch.all(a == a[0]) or torch.all(b == b[0]):
         return float("nan")
     return float(spearmanr(a.numpy(), b.numpy()).statistic)
+
+
+def __getattr__(name: str):
+    # `ClassifierFeatures` moved to the classifier it wraps; metrics stays below the models.
+    if name == "ClassifierFeatures":
+        import warnings
+
+        from flash_plugin.models.classifier import ClassifierFeatures
+
+        warnings.warn("flash_plugin.metrics.ClassifierFeatures moved to flash_plugin.models.classifier.ClassifierFeatures",
+                      DeprecationWarning, stacklevel=2)
+        return ClassifierFeatures
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -98,7 +98,8 @@ def measure(out: Path, *, n_samples: int = 250, n_images: int = 64, task: str = 
     from flash_plugin.bench.paired import benchmark_images
     from flash_plugin.bench.reconstruct import run_task
     from flash_plugin.data.fashion_mnist import load_fashion_mnist
-    from flash_plugin.metrics import ClassifierFeatures, paired_difference, psnr
+    from flash_plugin.metrics import paired_difference, psnr
+    from flash_plugin.models.classifier import ClassifierFeatures
     from flash_plugin.models import load_default_model
     from flash_plugin.registry import get_operator
     from flash_plugin.solvers.base import Sampler

@@ -13,7 +13,6 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from flash_plugin.errors import CheckpointError, FlashInputError
 from flash_plugin.metrics import (
-    ClassifierFeatures,
     center_crop,
     frechet_distance,
     frechet_distance_from_stats,
@@ -22,7 +21,7 @@ from flash_plugin.metrics import (
     ssim,
     summarize_nfe,
 )
-from flash_plugin.models.classifier import DEFAULT_CLASSIFIER_DIR, FashionClassifier, load_classifier
+from flash_plugin.models.classifier import DEFAULT_CLASSIFIER_DIR, ClassifierFeatures, FashionClassifier, load_classifier
 
 
 def _images(b=4, c=1, h=32, w=32, seed=0):
@@ -243,3 +242,11 @@ def test_bundled_classifier_accuracy():
     pred = ClassifierFeatures(load_classifier()).predict(x)
     acc = (pred == y).double().mean().item()
     assert acc >= 0.9, f"bundled classifier accuracy {acc:.3f} on the first 500 test images"
+
+
+def test_classifier_features_old_home_warns_and_is_the_same_class():
+    import flash_plugin.metrics as metrics
+
+    with pytest.warns(DeprecationWarning, match="moved to flash_plugin.models.classifier"):
+        old = metrics.ClassifierFeatures
+    assert old is ClassifierFeatures

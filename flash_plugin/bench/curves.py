@@ -214,7 +214,7 @@ def run_curves(
     from flash_plugin.bench.reconstruct import build_solver, run_task
     from flash_plugin.data.fashion_mnist import FashionMNISTNotFound, load_fashion_mnist
     from flash_plugin.flash import FlashConfig
-    from flash_plugin.metrics import ClassifierFeatures
+    from flash_plugin.models.classifier import ClassifierFeatures
     from flash_plugin.models import load_default_model, load_test_images
     from flash_plugin.registry import get_operator
     from flash_plugin.utils.checkpoint import atomic_write_json

@@ -113,7 +113,8 @@ def run(out: str | Path, *, n_samples: int = 1000, ddpm_samples: int = 0, batch_
         threads: int = 1, weights: str | Path = DEFAULT_WEIGHTS, data_root: str | None = None, quiet: bool = False,
         device: str = "cpu") -> dict:
     from flash_plugin.data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
-    from flash_plugin.metrics import ClassifierFeatures, frechet_distance, psnr, ssim, summarize_nfe
+    from flash_plugin.metrics import frechet_distance, psnr, ssim, summarize_nfe
+    from flash_plugin.models.classifier import ClassifierFeatures
     from flash_plugin.models.classifier import load_classifier
     from flash_plugin.models.latent_diffusion import LatentDiffusion
     from flash_plugin.utils.checkpoint import atomic_write_json

@@ -152,15 +152,15 @@ def _load_parts(folder: Path) -> dict[int, tuple[dict, dict]]:
 
 
 def _parts_folder(out: str | Path, config: dict) -> Path:
-    """``out/.parts/<task>_<solver>/``, holding finished batches of a run with this ``config``;
-    the batches of a run with another configuration are never mixed in."""
+    """``out/.parts/<task>_<solver>/``, holding finished batches of a run with this ``config``.
+    Batches of a run with another configuration are deleted, never mixed in: like the result
+    file, a new run into the same place replaces the old one."""
     folder = Path(out) / ".parts" / f"{config['task']}_{config['solver']}"
     folder.mkdir(parents=True, exist_ok=True)
     stamp = folder / "config.json"
-    if stamp.is_file():
-        if json.loads(stamp.read_text()) != json.loads(json.dumps(config)):
-            raise FlashInputError(f"{folder} holds batches of a run with other settings; delete it to start over")
-    else:
+    if not stamp.is_file() or json.loads(stamp.read_text()) != json.loads(json.dumps(config)):
+        for f in folder.glob("batch_*.safetensors"):
+            f.unlink()
         stamp.write_text(json.dumps(config, indent=1))
     return folder
 
@@ -261,7 +261,7 @@ def run_paired(
     import torch
 
     from flash_plugin.bench.reconstruct import build_solver
-    from flash_plugin.metrics import ClassifierFeatures
+    from flash_plugin.models.classifier import ClassifierFeatures
     from flash_plugin.models import load_default_model
     from flash_plugin.registry import get_operator
     from flash_plugin.solvers.hparams import FLASH_PARAMS

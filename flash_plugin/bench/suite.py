@@ -9,13 +9,15 @@ AE-only, the same test images, severities and seeds for every pair), writes its
 SSIM / NFE of each method, the paired difference Flash − solver with its standard error, and
 FD-FMNIST. A pair whose JSON already exists in ``--out`` with the same settings is not run again
 (resumable: also a result from another device, which its row names). Wall times are only comparable
-between rows of the same device.
+between rows of the same device. Under ``torchrun --nproc_per_node=P -m flash_plugin.bench.suite``
+every pair's batches are shared out over the processes (`flash_plugin.bench.paired`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(a.threads)
     out = Path(a.out)
+    main_process = int(os.environ.get("RANK", "0")) == 0
     todo = pairs(a.solvers, a.tasks)
     rows: list[dict] = []
     failed: list[tuple[str, str, str]] = []
@@ -117,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             done = json.loads(path.read_text())
         rows.append(row(done))
-        (out / "suite.json").write_text(json.dumps(rows, indent=2))
-        (out / "suite.md").write_text(markdown(rows))
+        if main_process:
+            (out / "suite.json").write_text(json.dumps(rows, indent=2))
+            (out / "suite.md").write_text(markdown(rows))
+    if not main_process:  # under torchrun the first process reports
+        return 1 if failed else 0
     print(markdown(rows))
     for solver, task in missing:
         print(f"not run: {solver} on {task} (no result for these images and seeds in {out})")
