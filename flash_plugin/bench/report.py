@@ -99,7 +99,7 @@ def robustness_table(rows: list[dict]) -> str:
     out = ["| task | solver | level | method | PSNR ± SE | mean NFE | FD-FMNIST |", "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["task"], r["solver"], r["level"], r["method"])):
         out.append(f"| {r['task']} | {r['solver']} | {r['level']:g} | {r['method']} | {r['psnr']:.2f} ± {r['se']:.2f} | "
-                   f"{r['nfe']:.0f} | {r['fd']:.1f} |")
+                   f"{r['nfe']:.0f} | {'n/a' if r['fd'] is None else format(r['fd'], '.1f')} |")
     return "\n".join(out)
 
 
