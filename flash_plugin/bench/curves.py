@@ -180,6 +180,94 @@ def _from_uint8(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) / 127.5 - 1
 
 
+def _curve_images(split: str, data, offset: int, n_images: int):
+    """``(images, source)``: the split's images ``offset .. offset + n_images``."""
+    from flash_plugin.data.fashion_mnist import FashionMNISTNotFound, load_fashion_mnist
+    from flash_plugin.models import load_test_images
+
+    try:
+        images, _ = load_fashion_mnist(split, data)
+        source = f"Fashion-MNIST {split} split"
+    except FashionMNISTNotFound:
+        if data is not None or split != "test":
+            raise FlashInputError(f"--data {data}: holds no Fashion-MNIST IDX files") from None
+        images, _ = load_test_images()
+        source = "the 64 bundled test images (Fashion-MNIST data not found)"
+    if offset + n_images > len(images):
+        raise FlashInputError(f"offset {offset} + n_images {n_images} go past the {len(images)} images of {source}")
+    return images[offset: offset + n_images], source
+
+
+def _plan(tuned, fixed, flash_settings, budgets, include_tuned: bool, include_ae: bool) -> list[tuple]:
+    """``(label, kind, params, FlashConfig | None)`` of every setting, the fixed and budget ones
+    with the tuned start-latent rule."""
+    from flash_plugin.flash import FlashConfig
+
+    c0, v0 = tuned.noise_correction, tuned.variance_scale
+    plan: list[tuple] = [("ae", "ae", {}, None)] if include_ae else []
+    for k in fixed:
+        plan.append((setting_label("fixed", k=k), "fixed", {"k": k, "c": c0, "v": v0},
+                     FlashConfig(force_step=k, noise_correction=c0, variance_scale=v0)))
+    pairs = list(flash_settings) + ([(c0, v0)] if include_tuned else [])
+    for c, v in dict.fromkeys(pairs):
+        plan.append((setting_label("flash", c=c, v=v), "flash", {"c": c, "v": v, "tuned": (c, v) == (c0, v0)},
+                     FlashConfig(noise_correction=c, variance_scale=v)))
+    for b in budgets:
+        plan.append((setting_label("budget", b=b), "budget", {"budget": b, "c": c0, "v": v0},
+                     FlashConfig(budget=b, noise_correction=c0, variance_scale=v0)))
+    return plan
+
+
+def _run_setting(kind: str, config, problem: dict, batch_size: int, progress: bool) -> tuple[list, float]:
+    """The records of one setting over every image, and its wall time."""
+    from flash_plugin.bench.reconstruct import run_task
+
+    t0 = time.perf_counter()
+    recs = []
+    n = len(problem["clean"])
+    method = "ae" if kind == "ae" else "flash"
+    step = n if kind == "budget" else batch_size  # a budget is a mean over the whole set: one call sees every σ̂²
+    for i in range(0, n, step):
+        j = min(i + step, n)
+        run = run_task(problem["task"], problem["model_set"], problem["clean"][i:j], problem["severities"][i:j],
+                       solver_name=problem["solver"], methods=(method,), seed=problem["seed"], flash_config=config,
+                       progress=progress, image_index=problem["index"][i:j], preset=problem["preset"],
+                       solve_seed=problem["solve_seed"])
+        recs.extend(run.by_method(method))
+    return recs, time.perf_counter() - t0
+
+
+def _analyse(result: dict, problem: dict, cached: dict, n_steps: int, n_boot: int) -> None:
+    """σ̂² per image, FD-FMNIST per setting, and the comparisons at equal NFE and with the solver
+    from noise (``fixed:N``, where the run has it)."""
+    from flash_plugin.bench.reconstruct import ENCODER_FOR_TASK, degrade
+    from flash_plugin.metrics import frechet_distance
+    from flash_plugin.models.classifier import ClassifierFeatures
+
+    task, seed, clean = problem["task"], problem["seed"], problem["clean"]
+    if task in ENCODER_FOR_TASK:  # the raw σ̂², the same for every setting: one encoder pass
+        _, y = degrade(problem["preset"], clean, problem["severities"], seed, problem["index"])
+        with torch.no_grad():
+            result["sigma2"] = problem["model_set"].severity_encoder(ENCODER_FOR_TASK[task]).estimate(y).variance.cpu().tolist()
+    feats = ClassifierFeatures()
+    features = {"clean": feats(clean.cpu()).numpy()}
+    features.update({k: feats(_from_uint8(v)).numpy() for k, v in cached.items() if k in result["settings"]})
+    settings = result["settings"]
+    for label, s in settings.items():
+        s["fd_fmnist"] = frechet_distance(features[label], features["clean"])
+    result["compare"] = {}
+    if sum(s["kind"] == "fixed" for s in settings.values()) >= 2:
+        for label, s in settings.items():
+            if s["kind"] in ("flash", "budget"):
+                try:
+                    result["compare"][label] = compare_at_equal_nfe(result, label, features, seed=seed, n_boot=n_boot)
+                except ValueError as exc:
+                    result["compare"][label] = {"label": label, "mean_nfe": s["mean_nfe"], "error": str(exc)}
+    full = setting_label("fixed", k=n_steps)
+    result["vs_noise"] = {label: compare_settings(result, label, full, features, seed=seed, n_boot=n_boot)
+                          for label in settings if full in settings and label != full}
+
+
 def run_curves(
     task: str,
     solver: str,
@@ -211,42 +299,29 @@ def run_curves(
     arguments (robustness runs): ``{"t": float, "family_kwargs": {...}}``. ``solve_seed`` (default
     ``seed``) changes the solvers' noise alone: a replicate on the same measurements.
     """
-    from flash_plugin.bench.reconstruct import build_solver, run_task
-    from flash_plugin.data.fashion_mnist import FashionMNISTNotFound, load_fashion_mnist
-    from flash_plugin.flash import FlashConfig
-    from flash_plugin.models.classifier import ClassifierFeatures
-    from flash_plugin.models import load_default_model, load_test_images
+    from flash_plugin.bench.reconstruct import build_solver
+    from flash_plugin.models import load_default_model
     from flash_plugin.registry import get_operator
     from flash_plugin.utils.checkpoint import atomic_write_json
 
-    try:
-        images, _ = load_fashion_mnist(split, data)
-        source = f"Fashion-MNIST {split} split"
-    except FashionMNISTNotFound:
-        if data is not None or split != "test":
-            raise FlashInputError(f"--data {data}: holds no Fashion-MNIST IDX files") from None
-        images, _ = load_test_images()
-        source = "the 64 bundled test images (Fashion-MNIST data not found)"
-    if offset + n_images > len(images):
-        raise FlashInputError(f"offset {offset} + n_images {n_images} go past the {len(images)} images of {source}")
-    clean = images[offset: offset + n_images].to(device)
-    index = list(range(offset, offset + n_images))
+    images, source = _curve_images(split, data, offset, n_images)
     preset = get_operator(task)
     if severity_override:
         preset = preset.replace(family_kwargs={**preset.family_kwargs, **severity_override.get("family_kwargs", {})},
                                 severity_range=(severity_override["t"], severity_override["t"]))
     severities = preset.sample_severity(n_images, torch.Generator().manual_seed(seed)).to(torch.float32).to(device)
     model_set = load_default_model(device=device)
-    _, tuned_config, hparams = build_solver(solver, model_set.latent_diffusion, task)
-    n_steps = build_solver(solver, model_set.latent_diffusion, task)[0].schedule.num_steps
+    built, tuned_config, hparams = build_solver(solver, model_set.latent_diffusion, task)
+    n_steps = built.schedule.num_steps
     for k in fixed:
         if not 1 <= k <= n_steps:
             raise FlashInputError(f"fixed start step {k} must lie in 1..{n_steps} (the solver's N)")
+    problem = {"task": task, "solver": solver, "model_set": model_set, "clean": images.to(device), "severities": severities,
+               "index": list(range(offset, offset + n_images)), "preset": preset, "seed": seed, "solve_seed": solve_seed}
 
-    name = name or f"curves_{task}_{solver}"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
+    path = out / f"{name or f'curves_{task}_{solver}'}.json"
     meta = {"task": task, "solver": solver, "split": split, "n_images": n_images, "offset": offset, "seed": seed, "source": source,
             "num_steps": n_steps, "hparams": hparams, "severities": severities.cpu().tolist(),
             "severity_override": severity_override or None}
@@ -261,77 +336,19 @@ def run_curves(
         result = old
     cached = _load_images(_images_path(path))
 
-    plan: list[tuple[str, str, dict, FlashConfig | None]] = []
-    c0, v0 = tuned_config.noise_correction, tuned_config.variance_scale
-    if include_ae:
-        plan.append(("ae", "ae", {}, None))
-    for k in fixed:
-        plan.append((setting_label("fixed", k=k), "fixed", {"k": k, "c": c0, "v": v0},
-                     FlashConfig(force_step=k, noise_correction=c0, variance_scale=v0)))
-    pairs = list(flash_settings) + ([(c0, v0)] if include_tuned else [])
-    for c, v in dict.fromkeys(pairs):
-        plan.append((setting_label("flash", c=c, v=v), "flash", {"c": c, "v": v, "tuned": (c, v) == (c0, v0)},
-                     FlashConfig(noise_correction=c, variance_scale=v)))
-    for b in budgets:
-        plan.append((setting_label("budget", b=b), "budget", {"budget": b, "c": c0, "v": v0},
-                     FlashConfig(budget=b, noise_correction=c0, variance_scale=v0)))
-
-    for label, kind, params, config in plan:
+    for label, kind, params, config in _plan(tuned_config, fixed, flash_settings, budgets, include_tuned, include_ae):
         if label in result["settings"] and label in cached:
             continue
-        t0 = time.perf_counter()
-        recs = []
-        method = "ae" if kind == "ae" else "flash"
-        for i in range(0, n_images, n_images if kind == "budget" else batch_size):
-            # A budget is a mean over the whole set: one call sees every σ̂².
-            j = n_images if kind == "budget" else min(i + batch_size, n_images)
-            run = run_task(task, model_set, clean[i:j], severities[i:j], solver_name=solver, methods=(method,),
-                           seed=seed, flash_config=config, progress=progress, image_index=index[i:j],
-                           preset=preset, solve_seed=solve_seed)
-            recs.extend(run.by_method(method))
-        wall = time.perf_counter() - t0
-        x = torch.stack([r.x for r in recs])
-        cached[label] = _to_uint8(x)
+        recs, wall = _run_setting(kind, config, problem, batch_size, progress)
+        cached[label] = _to_uint8(torch.stack([r.x for r in recs]))
         per = {m: [getattr(r, m) for r in recs] for m in ("psnr", "ssim", "nfe", "start_step")}
-        result["settings"][label] = {
-            "label": label, "kind": kind, "params": params,
-            "psnr": float(np.mean(per["psnr"])), "ssim": float(np.mean(per["ssim"])),
-            "mean_nfe": float(np.mean(per["nfe"])), "wall_s": wall,
-            "per_image": per,
-        }
+        s = result["settings"][label] = {"label": label, "kind": kind, "params": params, "psnr": float(np.mean(per["psnr"])),
+                                         "ssim": float(np.mean(per["ssim"])), "mean_nfe": float(np.mean(per["nfe"])),
+                                         "wall_s": wall, "per_image": per}
         _save_images(_images_path(path), cached)
         atomic_write_json(path, result)
-        log(f"[curves] {task} {solver} {label:<22} PSNR {result['settings'][label]['psnr']:6.2f}  "
-            f"SSIM {result['settings'][label]['ssim']:.3f}  NFE {result['settings'][label]['mean_nfe']:7.1f}  {wall:6.0f} s")
-
-    # The raw σ̂² of every image (the same for every setting: one encoder pass on the measurements).
-    from flash_plugin.bench.reconstruct import ENCODER_FOR_TASK, degrade
-
-    if task in ENCODER_FOR_TASK:
-        _, y = degrade(preset, clean, severities, seed, index)
-        with torch.no_grad():
-            result["sigma2"] = model_set.severity_encoder(ENCODER_FOR_TASK[task]).estimate(y).variance.cpu().tolist()
-    feats = ClassifierFeatures()
-    features = {"clean": feats(clean.cpu()).numpy()}
-    features.update({k: feats(_from_uint8(v)).numpy() for k, v in cached.items() if k in result["settings"]})
-    from flash_plugin.metrics import frechet_distance
-    for label, s in result["settings"].items():
-        s["fd_fmnist"] = frechet_distance(features[label], features["clean"])
-    result["compare"] = {}
-    fixed_n = sum(s["kind"] == "fixed" for s in result["settings"].values())
-    for label, s in result["settings"].items():
-        if s["kind"] in ("flash", "budget") and fixed_n >= 2:
-            try:
-                result["compare"][label] = compare_at_equal_nfe(result, label, features, seed=seed, n_boot=n_boot)
-            except ValueError as exc:
-                result["compare"][label] = {"label": label, "mean_nfe": s["mean_nfe"], "error": str(exc)}
-    # Against the solver from noise (every image at k = N), where the run has it.
-    full = setting_label("fixed", k=n_steps)
-    result["vs_noise"] = {}
-    if full in result["settings"]:
-        for label, s in result["settings"].items():
-            if s["kind"] in ("flash", "budget", "fixed", "ae") and label != full:
-                result["vs_noise"][label] = compare_settings(result, label, full, features, seed=seed, n_boot=n_boot)
+        log(f"[curves] {task} {solver} {label:<22} PSNR {s['psnr']:6.2f}  SSIM {s['ssim']:.3f}  NFE {s['mean_nfe']:7.1f}  {wall:6.0f} s")
+    _analyse(result, problem, cached, n_steps, n_boot)
     atomic_write_json(path, result)
     return result
 
