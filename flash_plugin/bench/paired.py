@@ -222,6 +222,23 @@ def _take_baseline(by_method: dict, runs_wall: dict, reused: dict, path) -> None
     runs_wall["baseline"] = reused["methods"]["baseline"]["wall_s"]
 
 
+def _summary(by_method: dict, runs_wall: dict, images, methods, reused: dict | None, reuse_baseline, device) -> dict:
+    """Means, paired differences and FD-FMNIST per method, with wall times and where a reused
+    baseline came from; the speed-up only when both methods ran here."""
+    from flash_plugin.models.classifier import ClassifierFeatures
+
+    summary = summarize(by_method, images.cpu(), ClassifierFeatures())
+    for m in methods:
+        summary["methods"][m]["wall_s"] = runs_wall[m]
+    if reused is not None:
+        summary["methods"]["baseline"]["fd_fmnist"] = reused["methods"]["baseline"]["fd_fmnist"]
+        summary["baseline_from"] = {"file": str(reuse_baseline), "device": reused.get("device"),
+                                    "note": "baseline per-image results, FD and wall time copied from this run"}
+    if "baseline" in runs_wall and "flash" in runs_wall and (reused is None or reused.get("device") == str(device)):
+        summary["speedup_wall"] = runs_wall["baseline"] / runs_wall["flash"]
+    return summary
+
+
 def run_paired(
     task: str = "gblur-varying",
     solver: str = "latent-dps",
@@ -260,8 +277,8 @@ def run_paired(
     """
     import torch
 
+    from flash_plugin.bench.distributed import Shard
     from flash_plugin.bench.reconstruct import build_solver
-    from flash_plugin.models.classifier import ClassifierFeatures
     from flash_plugin.models import load_default_model
     from flash_plugin.registry import get_operator
     from flash_plugin.solvers.hparams import FLASH_PARAMS
@@ -274,8 +291,6 @@ def run_paired(
     images, source = benchmark_images(data)
     if offset + n_images > len(images):
         raise FlashInputError(f"offset {offset} + n_images {n_images} go past the {len(images)} images of {source}")
-    from flash_plugin.bench.distributed import Shard
-
     shard = Shard.from_env(device)
     device = shard.device
     images = images[offset : offset + n_images].to(device)
@@ -302,21 +317,12 @@ def run_paired(
     if reused is not None:
         _take_baseline(by_method, runs_wall, reused, reuse_baseline)
         by_method = {m: by_method[m] for m in methods}
-    summary = summarize(by_method, images.cpu(), ClassifierFeatures())
-    for m in methods:
-        summary["methods"][m]["wall_s"] = runs_wall[m]
-    if reused is not None:
-        summary["methods"]["baseline"]["fd_fmnist"] = reused["methods"]["baseline"]["fd_fmnist"]
-        summary["baseline_from"] = {"file": str(reuse_baseline), "device": reused.get("device"),
-                                    "note": "baseline per-image results, FD and wall time copied from this run"}
-    if "baseline" in runs_wall and "flash" in runs_wall and (reused is None or reused.get("device") == str(device)):
-        summary["speedup_wall"] = runs_wall["baseline"] / runs_wall["flash"]  # only when both ran on this device
-    flash_recs = by_method.get("flash", [])
+    summary = _summary(by_method, runs_wall, images, methods, reused, reuse_baseline, device)
     summary.update({
         "task": task, "solver": solver, "n_images": n, "offset": offset, "seed": seed, "source": source,
-        "device": str(device), "processes": shard.world, "goal": goal, "batch_size": batch_size, "hparams": settings, "num_steps": num_steps,
-        "start_steps": [r.start_step for r in flash_recs], "sigma2": [r.sigma2 for r in flash_recs],
-        "severities": severities.cpu().tolist(),
+        "device": str(device), "processes": shard.world, "goal": goal, "batch_size": batch_size, "hparams": settings,
+        "num_steps": num_steps, "start_steps": [r.start_step for r in by_method.get("flash", [])],
+        "sigma2": [r.sigma2 for r in by_method.get("flash", [])], "severities": severities.cpu().tolist(),
         "per_image": {m: [{"psnr": r.psnr, "ssim": r.ssim, "nfe": r.nfe} for r in recs] for m, recs in by_method.items()},
     })
     if out is not None and shard.is_main:
