@@ -1,11 +1,12 @@
 """Markdown tables and figures of the stored curves, policy and robustness runs.
 
-    python -m flash_plugin.bench.report results/fashion-mnist-32/curves
+    python -m flash_plugin.bench.report results/fashion-mnist-32/curves [results/fashion-mnist-32/speedup]
 
 reads every ``curves_*.json`` and ``robust_*.json`` in the folder, draws ``<name>.png`` next to each
 curves file and ``robust_<task>_<solver>.png`` per robustness series, and prints the tables that
 BENCHMARKS.md quotes: Flash and the budget points against the fixed-start curve at equal mean NFE,
-the cross-fitted σ̂² start policies, and PSNR beyond the training range.
+the cross-fitted σ̂² start policies, PSNR beyond the training range and, given a second folder
+of paired bench results, the end-to-end speed-ups.
 """
 
 from __future__ import annotations
@@ -103,10 +104,27 @@ def robustness_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def speedup_table(results: list[dict]) -> str:
+    """End-to-end wall time of the solver from noise and of Flash(solver), the severity encoder
+    included, measured in one process on one device (paired bench results)."""
+    rows = ["| task | solver | images | device | solver: NFE, wall s | Flash: mean NFE, wall s | speed-up | Flash − solver PSNR |",
+            "|---|---|---|---|---|---|---|---|"]
+    for d in results:
+        m, p = d["methods"], d["paired"]["flash-baseline:psnr"]
+        rows.append(f"| {d['task']} | {d['solver']} | {d['n_images']} | {d['device']} | {m['baseline']['mean_nfe']:.0f}, "
+                    f"{m['baseline']['wall_s']:.1f} | {m['flash']['mean_nfe']:.1f}, {m['flash']['wall_s']:.1f} | "
+                    f"{m['baseline']['wall_s'] / m['flash']['wall_s']:.1f}× | {p['mean']:+.2f} ± {p['se']:.2f} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     from flash_plugin.bench.curve_figures import plot_curves, plot_robustness
 
-    folder = Path((argv or sys.argv[1:] or ["results/fashion-mnist-32/curves"])[0])
+    args = argv or sys.argv[1:] or ["results/fashion-mnist-32/curves"]
+    folder = Path(args[0])
+    if len(args) > 1:  # a folder of paired bench results: the speed-up table
+        bench = [json.loads(p.read_text()) for p in sorted(Path(args[1]).glob("bench_*.json"))]
+        print("## End-to-end speed-up\n\n" + speedup_table(bench) + "\n")
     curves = [json.loads(p.read_text()) for p in sorted(folder.glob("curves_*.json"))]
     robust = [json.loads(p.read_text()) for p in sorted(folder.glob("robust_*.json"))]
     for p, res in zip(sorted(folder.glob("curves_*.json")), curves):
