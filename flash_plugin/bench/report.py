@@ -90,16 +90,19 @@ def robustness_rows(results: list[dict]) -> list[dict]:
                 method = "solver from noise"
             elif s["kind"] == "flash" and s["params"].get("tuned"):
                 method = "Flash (tuned)"
+            vs = res.get("vs_noise", {}).get(label)
             rows.append({"task": res["meta"]["task"], "solver": res["meta"]["solver"], "level": level, "method": method,
                          "psnr": float(x.mean()), "se": float(x.std(ddof=1) / np.sqrt(len(x))), "nfe": s["mean_nfe"],
-                         "fd": s.get("fd_fmnist")})
+                         "fd": s.get("fd_fmnist"), "vs_noise": None if vs is None else vs["psnr"]})
     return rows
 
 
 def robustness_table(rows: list[dict]) -> str:
-    out = ["| task | solver | level | method | PSNR ± SE | mean NFE | FD-FMNIST |", "|---|---|---|---|---|---|---|"]
+    out = ["| task | solver | level | method | PSNR ± SE | − solver from noise (paired) | mean NFE | FD-FMNIST |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["task"], r["solver"], r["level"], r["method"])):
-        out.append(f"| {r['task']} | {r['solver']} | {r['level']:g} | {r['method']} | {r['psnr']:.2f} ± {r['se']:.2f} | "
+        vs = "" if r["vs_noise"] is None else _pm(r["vs_noise"])
+        out.append(f"| {r['task']} | {r['solver']} | {r['level']:g} | {r['method']} | {r['psnr']:.2f} ± {r['se']:.2f} | {vs} | "
                    f"{r['nfe']:.0f} | {'n/a' if r['fd'] is None else format(r['fd'], '.1f')} |")
     return "\n".join(out)
 
