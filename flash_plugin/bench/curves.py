@@ -98,8 +98,6 @@ def compare_at_equal_nfe(result: dict, label: str, features: dict[str, np.ndarra
     difference of the Fréchet distances, with a standard error from a paired bootstrap over
     images (the same resampled images for every setting).
     """
-    from flash_plugin.metrics import frechet_distance
-
     settings = result["settings"]
     fixed = sorted((s for s in settings.values() if s["kind"] == "fixed"), key=lambda s: s["mean_nfe"])
     if len(fixed) < 2:
@@ -116,41 +114,40 @@ def compare_at_equal_nfe(result: dict, label: str, features: dict[str, np.ndarra
         out[metric] = {"point": float(a.mean()), "fixed_curve": float(ref.mean()), "diff": float(d.mean()),
                        "se": float(d.std(ddof=1) / math.sqrt(len(d)))}
     if features is not None and all(k in features for k in (label, fixed[i]["label"], fixed[j]["label"], "clean")):
-        fa, fi, fj, fc = (features[k] for k in (label, fixed[i]["label"], fixed[j]["label"], "clean"))
-
-        def diff(idx: np.ndarray) -> tuple[float, float]:
-            p = frechet_distance(fa[idx], fc[idx])
-            ref = (1 - w) * frechet_distance(fi[idx], fc[idx]) + w * frechet_distance(fj[idx], fc[idx])
-            return p, ref
-
-        p, ref = diff(np.arange(len(fa)))
-        rng = np.random.default_rng(seed)
-        boots = [np.subtract(*diff(rng.integers(0, len(fa), len(fa)))) for _ in range(n_boot)]
-        out["fd_fmnist"] = {"point": p, "fixed_curve": ref, "diff": p - ref, "se": float(np.std(boots, ddof=1)),
-                            "n_boot": n_boot}
+        p, ref, se = _fd_difference(features[label], [(1 - w, features[fixed[i]["label"]]), (w, features[fixed[j]["label"]])],
+                                    features["clean"], n_boot, seed)
+        out["fd_fmnist"] = {"point": p, "fixed_curve": ref, "diff": p - ref, "se": se, "n_boot": n_boot}
     return out
+
+
+def _fd_difference(fa: np.ndarray, refs: list[tuple[float, np.ndarray]], clean: np.ndarray, n_boot: int,
+                   seed: int) -> tuple[float, float, float]:
+    """``(FD(a), Σ w·FD(ref), se)`` against ``clean``; ``se`` of the difference from a paired
+    bootstrap over images (the same resampled images for every feature set)."""
+    from flash_plugin.metrics import frechet_distance
+
+    def both(idx: np.ndarray) -> tuple[float, float]:
+        return (frechet_distance(fa[idx], clean[idx]),
+                sum(w * frechet_distance(f[idx], clean[idx]) for w, f in refs if w))
+
+    point, ref = both(np.arange(len(fa)))
+    rng = np.random.default_rng(seed)
+    boots = [np.subtract(*both(rng.integers(0, len(fa), len(fa)))) for _ in range(n_boot)]
+    return point, ref, float(np.std(boots, ddof=1))
 
 
 def compare_settings(result: dict, label: str, ref: str, features: dict[str, np.ndarray] | None = None, *,
                      n_boot: int = 200, seed: int = 0) -> dict:
     """``label`` minus ``ref`` on the same images: paired PSNR/SSIM differences with standard
     errors, and the FD-FMNIST difference with a paired bootstrap standard error."""
-    from flash_plugin.metrics import frechet_distance
-
     a, b = result["settings"][label], result["settings"][ref]
     out: dict[str, Any] = {"label": label, "ref": ref, "mean_nfe": a["mean_nfe"], "ref_mean_nfe": b["mean_nfe"]}
     for metric in ("psnr", "ssim"):
         d = np.asarray(a["per_image"][metric]) - np.asarray(b["per_image"][metric])
         out[metric] = {"diff": float(d.mean()), "se": float(d.std(ddof=1) / math.sqrt(len(d)))}
     if features is not None and all(k in features for k in (label, ref, "clean")):
-        fa, fb, fc = features[label], features[ref], features["clean"]
-        full = frechet_distance(fa, fc) - frechet_distance(fb, fc)
-        rng = np.random.default_rng(seed)
-        boots = []
-        for _ in range(n_boot):
-            idx = rng.integers(0, len(fa), len(fa))
-            boots.append(frechet_distance(fa[idx], fc[idx]) - frechet_distance(fb[idx], fc[idx]))
-        out["fd_fmnist"] = {"diff": full, "se": float(np.std(boots, ddof=1)), "n_boot": n_boot}
+        p, r, se = _fd_difference(features[label], [(1.0, features[ref])], features["clean"], n_boot, seed)
+        out["fd_fmnist"] = {"diff": p - r, "se": se, "n_boot": n_boot}
     return out
 
 
@@ -181,18 +178,16 @@ def _from_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 def _curve_images(split: str, data, offset: int, n_images: int):
-    """``(images, source)``: the split's images ``offset .. offset + n_images``."""
-    from flash_plugin.data.fashion_mnist import FashionMNISTNotFound, load_fashion_mnist
-    from flash_plugin.models import load_test_images
+    """``(images, source)``: the split's images ``offset .. offset + n_images`` (the test split as
+    the paired benchmark loads it, bundled images included)."""
+    from flash_plugin.bench.paired import benchmark_images
+    from flash_plugin.data.fashion_mnist import load_fashion_mnist
 
-    try:
+    if split == "test":
+        images, source = benchmark_images(data)
+    else:
         images, _ = load_fashion_mnist(split, data)
         source = f"Fashion-MNIST {split} split"
-    except FashionMNISTNotFound:
-        if data is not None or split != "test":
-            raise FlashInputError(f"--data {data}: holds no Fashion-MNIST IDX files") from None
-        images, _ = load_test_images()
-        source = "the 64 bundled test images (Fashion-MNIST data not found)"
     if offset + n_images > len(images):
         raise FlashInputError(f"offset {offset} + n_images {n_images} go past the {len(images)} images of {source}")
     return images[offset: offset + n_images], source

@@ -22,6 +22,11 @@ import torch
 T = TypeVar("T")
 
 
+def is_main_process() -> bool:
+    """Whether this process reports: always without ``torchrun``, else only rank 0."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @dataclass
 class Shard:
     """This process's place in the run: ``rank`` of ``world`` processes, on ``device``."""

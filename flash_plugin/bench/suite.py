@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import traceback
 from pathlib import Path
 
+from flash_plugin.bench.distributed import is_main_process
 from flash_plugin.errors import FlashInputError
 
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(a.threads)
     out = Path(a.out)
-    main_process = int(os.environ.get("RANK", "0")) == 0
+    main_process = is_main_process()
     todo = pairs(a.solvers, a.tasks)
     rows: list[dict] = []
     failed: list[tuple[str, str, str]] = []

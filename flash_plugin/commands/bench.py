@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 
 from flash_plugin.bench import paired
+from flash_plugin.bench.distributed import is_main_process
 from flash_plugin.bench.paired import reusable_baseline, summarize  # noqa: F401 - their former home, re-exported
 from flash_plugin.commands import _args
 from flash_plugin.errors import FlashInputError
@@ -97,12 +98,6 @@ def validate(args: argparse.Namespace) -> dict[str, float]:
     return overrides
 
 
-def _rank() -> int:
-    import os
-
-    return int(os.environ.get("RANK", "0"))
-
-
 def run(args: argparse.Namespace) -> int:
     overrides = validate(args)
     if args.threads:
@@ -112,9 +107,9 @@ def run(args: argparse.Namespace) -> int:
     summary = paired.run_paired(
         args.task, args.solver, n_images=args.n_images, offset=args.offset, batch_size=args.batch_size, num_steps=args.num_steps,
         solver_args=overrides, reuse_baseline=args.reuse_baseline, methods=args.methods, data=args.data, seed=args.seed,
-        device=args.device, out=args.out, progress=_args.progress_bars(args.progress) and _rank() == 0,
+        device=args.device, out=args.out, progress=_args.progress_bars(args.progress) and is_main_process(),
         log=lambda line: _args.stage("bench", line), resume=args.resume, goal=args.goal)
-    if _rank() != 0:  # under torchrun the first process reports
+    if not is_main_process():
         return 0
     print(f"{'method':<10} {'PSNR':>7} {'SSIM':>7} {'NFE':>8} {'FD-FMNIST':>10} {'wall s':>8}")
     for m, s in summary["methods"].items():

@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import os
 from pathlib import Path
 
 from flash_plugin.bench import reconstruct_files as files
+from flash_plugin.bench.distributed import is_main_process
 from flash_plugin.bench.reconstruct_files import (  # noqa: F401 - their former home, re-exported
     MEASUREMENT_SUFFIXES,
     OPERATOR_TASK,
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     done = files.reconstruct_files(args.input, args.out, batch_size=args.batch_size, device=args.device,
                                    progress=_args.progress_bars(args.progress), log=lambda line: _args.stage("reconstruct", line),
                                    **settings)
-    if not done.solved or int(os.environ.get("RANK", "0")) != 0:  # under torchrun the first process reports
+    if not done.solved or not is_main_process():
         return 0
     recs = [done.record["images"][n] for n in done.names]
     mean_nfe = sum(r["nfe"] for r in recs) / len(recs)
