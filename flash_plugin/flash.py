@@ -28,7 +28,7 @@ from flash_plugin.errors import (
     UnknownPluginNameError,
 )
 from flash_plugin.protocols import LatentModelSolver, MixedStartSolver, SeverityEstimator, Solver
-from flash_plugin.schedule import allocate_steps, select_start_step, start_latent
+from flash_plugin.schedule import StartPolicy, allocate_steps, select_start_step, start_latent
 from flash_plugin.types import NoiseSchedule, SeverityEstimate, Solution, StartPoint
 from flash_plugin.utils.batch import select_operator
 from flash_plugin.utils.random import GeneratorLike, check_generators, randn_per_sample, subset_generators
@@ -49,6 +49,9 @@ class FlashConfig:
         force_step: ignore ``σ̂²`` and start every sample at this step (``N`` = the unwrapped solver).
         budget: the mean number of steps per sample in each call; start steps are allocated by
             ``σ̂²`` to meet it exactly (`flash_plugin.schedule.allocate_steps`). ``None``: the SNR rule.
+        start_policy: a calibrated ``σ̂² → k`` map (`flash_plugin.schedule.StartPolicy`) in place of
+            the SNR rule, e.g. the one stored with the bundled model for a solver and task
+            (`flash_plugin.solvers.hparams.get_start_policy`). ``None``: the SNR rule.
         check_latent_space: refuse an estimator trained for another latent space than the solver's.
         check_operator_family: refuse an estimator trained for another operator family than the
             operator's ``operator_family``.
@@ -62,6 +65,7 @@ class FlashConfig:
     max_step: int | None = None
     force_step: int | None = None
     budget: float | None = None
+    start_policy: StartPolicy | None = None
     check_latent_space: bool = True
     check_operator_family: bool = True
     check_measurement_range: bool = True
@@ -75,6 +79,10 @@ class FlashConfig:
             raise FlashInputError(f"budget must be a finite number of steps per sample >= 0, got {self.budget}")
         if self.budget is not None and self.force_step is not None:
             raise FlashInputError("budget and force_step exclude each other: give one of them")
+        if self.start_policy is not None and not isinstance(self.start_policy, StartPolicy):
+            raise FlashInputError(f"start_policy must be a flash_plugin.schedule.StartPolicy, got {type(self.start_policy).__name__}")
+        if self.start_policy is not None and (self.budget is not None or self.force_step is not None):
+            raise FlashInputError("start_policy excludes budget and force_step: give one of them")
         if self.start_mode not in ("noise_correction", "snr_matched"):
             raise FlashInputError(f"start_mode must be 'noise_correction' or 'snr_matched', got {self.start_mode!r}")
 
@@ -92,6 +100,9 @@ class FlashSolver:
         n = solver.schedule.num_steps
         if config.force_step is not None and not 0 <= config.force_step <= n:
             raise FlashInputError(f"force_step must lie in 0..{n}, got {config.force_step}")
+        if config.start_policy is not None and config.start_policy.max_step > n:
+            raise FlashInputError(f"the start policy goes up to step {config.start_policy.max_step}, but the solver has N = {n} steps "
+                                  "(it was calibrated for another schedule)")
         self._resolved: dict[str | None, SeverityEstimator] = {}  # estimators found in the registry, by family
         if estimator is not None:
             self._check_latent_space(estimator)
@@ -157,6 +168,8 @@ class FlashSolver:
             hopeless = (cfg.noise_correction * variance >= 1.0) if cfg.start_mode == "noise_correction" else None
             step = allocate_steps(sched, variance, cfg.budget, min_step=cfg.min_step, max_step=cfg.max_step,
                                   fixed=hopeless).to(y.device)
+        elif cfg.start_policy is not None:
+            step = cfg.start_policy(est.variance).clamp(cfg.min_step, sched.num_steps if cfg.max_step is None else cfg.max_step).to(y.device)
         else:
             step = select_start_step(sched, variance, min_step=cfg.min_step, max_step=cfg.max_step).to(y.device)
         eps = randn_per_sample(est.latent.shape, generator, device=y.device, dtype=y.dtype)

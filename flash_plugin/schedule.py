@@ -11,12 +11,16 @@ Start latent, the paper's "noise correction" with constant ``c`` (default 1)::
     z = sqrt(1 − c σ̂²) ẑ + sqrt(c σ̂²) ε
 
 or, as an option, the exactly SNR-matched marginal ``a_k ẑ + b_k ε``.
+
+Instead of the SNR rule, a `StartPolicy` maps ``σ̂²`` to steps through thresholds calibrated on
+training images for one solver and task (fitted by `flash_plugin.bench.policy.fit_start_policy`).
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Literal, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
 
 import torch
 
@@ -41,6 +45,55 @@ def check_variance(variance: torch.Tensor, name: str = "σ̂²") -> torch.Tensor
     if torch.any(v <= 0):
         raise SeverityError(f"{name} must be > 0, got {v.tolist()}")
     return v
+
+
+@dataclass(frozen=True)
+class StartPolicy:
+    """A calibrated, monotone map from the estimator's raw ``σ̂²`` to the start step.
+
+    ``σ̂² <= thresholds[i]`` (first match) starts at ``steps[i]``, a larger one at ``steps[-1]``;
+    a larger ``σ̂²`` never gets fewer steps. It replaces the SNR rule where that rule ranks or
+    spaces the images badly: the thresholds are fitted on the per-image PSNR of fixed start steps
+    on training images (`flash_plugin.bench.policy.fit_start_policy`), so they encode what the
+    solver gains from more steps rather than what the schedule's SNR says. ``σ̂²`` is taken before
+    `FlashConfig.variance_scale`, which then only scales the start noise.
+    """
+
+    thresholds: tuple[float, ...]
+    steps: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        th, st = tuple(float(t) for t in self.thresholds), tuple(self.steps)
+        if len(st) != len(th) + 1:
+            raise FlashInputError(f"a start policy needs one step more than thresholds, got {len(th)} thresholds and {len(st)} steps")
+        if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in st):
+            raise FlashInputError(f"start policy steps must be integers >= 0, got {list(st)}")
+        if any(b < a for a, b in zip(st, st[1:])):
+            raise FlashInputError(f"start policy steps must not decrease with σ̂², got {list(st)}")
+        if not all(t == t and abs(t) < float("inf") for t in th) or any(b <= a for a, b in zip(th, th[1:])):
+            raise FlashInputError(f"start policy thresholds must be finite and strictly increasing, got {list(th)}")
+        object.__setattr__(self, "thresholds", th)
+
+    def __call__(self, variance: torch.Tensor) -> torch.Tensor:
+        """The start step of each sample (LongTensor ``[B]``, on the variance's device)."""
+        v = check_variance(variance).to(torch.float64)
+        th = torch.tensor(self.thresholds, dtype=torch.float64, device=v.device)
+        idx = torch.searchsorted(th, v.contiguous(), side="left")
+        return torch.tensor(self.steps, dtype=torch.long, device=v.device)[idx]
+
+    @property
+    def max_step(self) -> int:
+        return self.steps[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"thresholds": list(self.thresholds), "steps": list(self.steps)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "StartPolicy":
+        """From ``{"thresholds": [...], "steps": [...]}`` (extra keys are ignored)."""
+        if not isinstance(data, dict) or not {"thresholds", "steps"} <= set(data):
+            raise FlashInputError(f"a start policy is a mapping with 'thresholds' and 'steps', got {data!r:.200}")
+        return cls(tuple(data["thresholds"]), tuple(data["steps"]))
 
 
 def select_start_step(

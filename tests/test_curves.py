@@ -82,18 +82,24 @@ def test_a_tiny_run_resumes_and_compares(tmp_path):
 
 # --- start policies (flash_plugin.bench.policy) ------------------------------------------------
 
-from flash_plugin.bench.policy import Policy, adaptivity_report, fit_monotone_policy  # noqa: E402
+from flash_plugin.bench.policy import (  # noqa: E402
+    adaptivity_report, cross_fitted_at_nfe, fit_monotone_policy, fit_start_policy, policy_steps, score_policy, write_policies,
+)
+from flash_plugin.schedule import StartPolicy  # noqa: E402
 
 
-def _curves_result(table, ks, sigma2):
+def _curves_result(table, ks, sigma2, tuned=None):
     settings = {f"fixed:{k}": {"kind": "fixed", "mean_nfe": float(k), "params": {"k": int(k)},
                                "per_image": {"psnr": list(table[:, j])}} for j, k in enumerate(ks)}
+    if tuned is not None:  # (per-image PSNR, mean NFE) of the tuned SNR rule
+        settings["flash:c=0,v=2"] = {"kind": "flash", "mean_nfe": float(tuned[1]), "params": {"tuned": True},
+                                     "per_image": {"psnr": list(tuned[0])}}
     return {"settings": settings, "sigma2": list(sigma2)}
 
 
 def test_policy_maps_sigma2_to_steps_by_thresholds():
-    pol = Policy((0.1, 0.2), (10, 50, 100))
-    assert pol(np.array([0.05, 0.1, 0.15, 0.3])).tolist() == [10, 10, 50, 100]
+    pol = StartPolicy((0.1, 0.2), (10, 50, 100))
+    assert policy_steps(pol, np.array([0.05, 0.1, 0.15, 0.3])).tolist() == [10, 10, 50, 100]
 
 
 def test_monotone_policy_is_the_exhaustive_optimum():
@@ -104,7 +110,7 @@ def test_monotone_policy_is_the_exhaustive_optimum():
     order = np.argsort(sigma2)
     for price in (0.0, 0.01, 0.05):
         pol = fit_monotone_policy(sigma2, table, ks, price)
-        got = pol(sigma2)
+        got = policy_steps(pol, sigma2)
         assert np.all(np.diff(got[order]) >= 0)
         value = table[np.arange(6), np.searchsorted(ks, got)].sum() - price * got.sum()
         # every non-decreasing level sequence over the sorted images
@@ -148,3 +154,93 @@ def test_beyond_range_levels_and_a_replicate_share_measurements(tmp_path):
     # Same measurements (AE-only and σ̂² equal), other solver noise (the solves differ).
     assert a["settings"]["ae"]["per_image"] == b["settings"]["ae"]["per_image"] and a["sigma2"] == b["sigma2"]
     assert a["settings"]["fixed:3"]["per_image"]["psnr"] != b["settings"]["fixed:3"]["per_image"]["psnr"]
+
+
+def _dependent_table(rng, n, ks, strength):
+    """PSNR per image and grid step: hard images (large σ̂²) gain from steps, easy ones lose, by ``strength``."""
+    sigma2 = rng.uniform(0.05, 1.0, size=n)
+    slope = (sigma2 - 0.5)[:, None] * np.log(ks)[None, :]
+    return sigma2, 20 + strength * slope + 0.1 * rng.normal(size=(n, len(ks)))
+
+
+def test_fitted_policy_matches_the_target_compute_and_wins_only_where_sigma2_matters():
+    rng = np.random.default_rng(3)
+    ks = np.array([10, 25, 50, 100, 200])
+    sigma2, table = _dependent_table(rng, 160, ks, 2.0)
+    train = _curves_result(table[:80], ks, sigma2[:80], tuned=(table[:80, 2], 50.0))
+    pol, info = fit_start_policy(train)
+    assert abs(info["mean_nfe"] - 50.0) < 10 and info["target_mean_nfe"] == 50.0 and len(set(pol.steps)) > 1
+    # Held out: at the same compute, the policy beats both the fixed curve and a constant start.
+    test = _curves_result(table[80:], ks, sigma2[80:], tuned=(table[80:, 2], 50.0))
+    r = score_policy(pol, test)
+    assert r["vs_fixed"]["diff"] > 5 * r["vs_fixed"]["se"] and r["vs_tuned"]["diff"] > 0
+    cf = cross_fitted_at_nfe(test, sigma2[80:], 50.0, n_splits=3)
+    assert cf["diff"] > 5 * cf["se"]
+    # No dependence on σ̂²: held out, the policy is level with the fixed curve.
+    flat = 20 + rng.normal(size=(160, len(ks)))
+    pol, _ = fit_start_policy(_curves_result(flat[:80], ks, sigma2[:80], tuned=(flat[:80, 2], 50.0)))
+    r = score_policy(pol, _curves_result(flat[80:], ks, sigma2[80:], tuned=(flat[80:, 2], 50.0)))
+    assert abs(r["vs_fixed"]["diff"]) < 3 * r["vs_fixed"]["se"] + 0.05
+    cf = cross_fitted_at_nfe(_curves_result(flat, ks, sigma2), sigma2, 50.0, n_splits=3)
+    assert abs(cf["diff"]) < 3 * cf["se"] + 0.05
+
+
+def test_policy_fit_and_score_refuse_what_they_cannot_use(tmp_path):
+    ks = np.array([10, 50])
+    res = _curves_result(np.zeros((4, 2)), ks, [0.1, 0.2, 0.3, 0.4], tuned=([0.0] * 4, 30.0))
+    with pytest.raises(Exception, match="outside the grid"):
+        fit_start_policy(res, target_nfe=300)
+    with pytest.raises(Exception, match="no tuned Flash setting"):
+        fit_start_policy(_curves_result(np.zeros((4, 2)), ks, [0.1, 0.2, 0.3, 0.4]))
+    with pytest.raises(Exception, match="lacks"):
+        score_policy(StartPolicy((), (25,)), res)
+    res["meta"] = {"split": "test", "solver": "latent-dps", "task": "gblur-varying"}
+    with pytest.raises(Exception, match="fit start policies on training images"):
+        write_policies([("r.json", res)], tmp_path / "p.json")
+
+
+def test_stored_policies_load_by_pair_and_fail_clearly(tmp_path):
+    from flash_plugin.solvers.hparams import get_start_policy
+
+    ks = np.array([10, 50])
+    res = _curves_result(np.array([[1.0, 0.0], [0.0, 1.0]] * 4), ks, np.linspace(0.1, 0.8, 8), tuned=([0.0] * 8, 30.0))
+    res["meta"] = {"split": "train", "solver": "latent-dps", "task": "gblur-varying", "offset": 0, "n_images": 8, "seed": 0, "hparams": {}}
+    doc = write_policies([("r.json", res)], tmp_path / "p.json")
+    pol = get_start_policy("latent-dps", "gblur-varying", tmp_path / "p.json")
+    assert pol.to_dict() == {k: doc["entries"][0][k] for k in ("thresholds", "steps")}
+    with pytest.raises(Exception, match="calibrated pairs: latent-dps/gblur-varying"):
+        get_start_policy("psld", "gblur-varying", tmp_path / "p.json")
+    with pytest.raises(Exception, match="no calibrated start policies"):
+        get_start_policy("psld", "gblur-varying", tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(Exception, match="not a readable start-policy file"):
+        get_start_policy("psld", "gblur-varying", tmp_path / "bad.json")
+
+
+def test_the_bundled_policies_cover_their_pairs_and_stay_in_the_schedule():
+    from flash_plugin.solvers.hparams import START_POLICIES_PATH, get_start_policy
+
+    doc = json.loads(START_POLICIES_PATH.read_text())
+    assert doc["entries"], "no calibrated start policy is bundled"
+    for e in doc["entries"]:
+        pol = get_start_policy(e["solver"], e["task"])
+        assert set(pol.steps) <= set(e["fit"]["grid"]) and pol.max_step <= 1000
+        assert abs(e["fit"]["mean_nfe"] - e["fit"]["target_mean_nfe"]) < 0.25 * e["fit"]["target_mean_nfe"]
+
+
+def test_the_calibrated_setting_equals_its_grid_lookup(tmp_path, monkeypatch):
+    """`score_policy` looks a policy up in the fixed-start grid; running Flash with it must give the
+    same images up to float rounding."""
+    import flash_plugin.solvers.hparams as hparams
+
+    kw = dict(n_images=2, fixed=(1, 3), include_tuned=False, out=tmp_path, batch_size=2, n_boot=5)
+    first = run_curves("gblur-varying", "latent-dps", **kw)
+    s2 = sorted(first["sigma2"])
+    pol = StartPolicy(((s2[0] + s2[1]) / 2,), (1, 3))
+    monkeypatch.setattr(hparams, "get_start_policy", lambda solver, task: pol)
+    res = run_curves("gblur-varying", "latent-dps", **kw, calibrated=True)
+    got = res["settings"]["policy:calibrated"]["per_image"]
+    steps = policy_steps(pol, np.asarray(res["sigma2"]))
+    assert sorted(got["start_step"]) == [1, 3] and got["start_step"] == steps.tolist()
+    lookup = [res["settings"][f"fixed:{k}"]["per_image"]["psnr"][i] for i, k in enumerate(steps)]
+    assert got["psnr"] == pytest.approx(lookup, abs=1e-4)  # same draws; a mixed-start batch rounds differently

@@ -186,3 +186,65 @@ def test_flash_budget_mode_spends_the_budget():
         FlashConfig(budget=10, force_step=5)
     with pytest.raises(FlashInputError, match="budget"):
         FlashConfig(budget=-1)
+
+
+# --- calibrated start policies (StartPolicy) ---------------------------------------------------
+
+from flash_plugin.schedule import StartPolicy  # noqa: E402
+
+
+def test_start_policy_maps_sigma2_through_its_thresholds():
+    pol = StartPolicy((0.1, 0.2), (10, 50, 100))
+    got = pol(torch.tensor([0.05, 0.1, 0.15, 0.2, 0.3], dtype=torch.float64))
+    assert got.dtype == torch.long and got.tolist() == [10, 10, 50, 50, 100]
+    assert StartPolicy((), (25,))(torch.tensor([1e-6, 9.0])).tolist() == [25, 25]
+    assert StartPolicy.from_dict(pol.to_dict()) == pol and pol.max_step == 100
+
+
+@pytest.mark.parametrize("thresholds, steps, match", [
+    ((0.1,), (10,), "one step more"),
+    ((0.1,), (50, 10), "must not decrease"),
+    ((0.2, 0.1), (1, 2, 3), "strictly increasing"),
+    ((float("nan"),), (1, 2), "finite"),
+    ((0.1,), (1, 2.5), "integers"),
+    ((0.1,), (-1, 2), "integers"),
+])
+def test_start_policy_refuses_bad_tables(thresholds, steps, match):
+    with pytest.raises(FlashInputError, match=match):
+        StartPolicy(thresholds, steps)
+
+
+def test_start_policy_refuses_bad_variances_and_bad_dicts():
+    pol = StartPolicy((0.1,), (10, 20))
+    with pytest.raises(SeverityError):
+        pol(torch.tensor([0.1, float("nan")]))
+    with pytest.raises(FlashInputError, match="'thresholds' and 'steps'"):
+        StartPolicy.from_dict({"steps": [1]})
+
+
+def test_flash_with_a_start_policy_starts_where_the_policy_says():
+    from flash_plugin import FlashConfig, flash
+    from flash_plugin.models.gaussian_oracle import GaussianOracle
+    from flash_plugin.solvers import Sampler
+    from flash_plugin.types import SeverityEstimate
+
+    class Fixed:
+        metadata: dict = {}
+
+        def estimate(self, y):
+            return SeverityEstimate(y.clone(), torch.tensor([0.02, 0.5, 0.1, 0.05], dtype=torch.float64))
+
+    oracle = GaussianOracle(torch.zeros(1, 2, 2), torch.ones(1, 2, 2))
+    y = torch.zeros(4, 1, 2, 2)
+    pol = StartPolicy((0.04, 0.2), (5, 20, 60))
+    # variance_scale must not move the steps: the policy reads the raw σ̂²
+    sol = flash(Sampler(oracle, num_steps=100), Fixed(), FlashConfig(start_policy=pol, variance_scale=8.0, noise_correction=0.0))(y, None)
+    assert sol.start_step.tolist() == [5, 60, 20, 20] and sol.nfe.tolist() == [5, 60, 20, 20]
+    clamped = flash(Sampler(oracle, num_steps=100), Fixed(), FlashConfig(start_policy=pol, max_step=30))(y, None)
+    assert clamped.start_step.tolist() == [5, 30, 20, 20]
+    with pytest.raises(FlashInputError, match="calibrated for another schedule"):
+        flash(Sampler(oracle, num_steps=50), Fixed(), FlashConfig(start_policy=pol))
+    with pytest.raises(FlashInputError, match="excludes budget and force_step"):
+        FlashConfig(start_policy=pol, budget=10)
+    with pytest.raises(FlashInputError, match="must be a flash_plugin.schedule.StartPolicy"):
+        FlashConfig(start_policy={"thresholds": [], "steps": [3]})

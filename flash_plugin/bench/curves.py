@@ -8,6 +8,8 @@ from the images' absolute indices, so batching never changes a draw):
 - ``flash:c=…,v=…``: Flash's σ̂² → k rule with noise correction ``c`` and variance scale ``v``;
 - ``budget:b``: Flash with a mean of ``b`` steps per image over the whole set
   (`flash_plugin.schedule.allocate_steps`);
+- ``policy:calibrated``: Flash with the σ̂² → k map stored for the pair
+  (`flash_plugin.solvers.hparams.get_start_policy`);
 - ``ae``: the decoded encoder estimate (0 NFE).
 
 Each setting records per-image PSNR, SSIM, NFE and start step, its mean, its wall time, and the
@@ -37,13 +39,15 @@ import torch
 
 from flash_plugin.errors import FlashInputError
 
-KINDS = ("fixed", "flash", "budget", "ae")
+KINDS = ("fixed", "flash", "budget", "policy", "ae")
 
 
 def setting_label(kind: str, **params: float) -> str:
-    """``fixed:25``, ``budget:50``, ``flash:c=1,v=2``, ``ae``."""
+    """``fixed:25``, ``budget:50``, ``flash:c=1,v=2``, ``policy:calibrated``, ``ae``."""
     if kind == "ae":
         return "ae"
+    if kind == "policy":
+        return "policy:calibrated"
     if kind in ("fixed", "budget"):
         (v,) = params.values()
         return f"{kind}:{v:g}"
@@ -193,9 +197,9 @@ def _curve_images(split: str, data, offset: int, n_images: int):
     return images[offset: offset + n_images], source
 
 
-def _plan(tuned, fixed, flash_settings, budgets, include_tuned: bool, include_ae: bool) -> list[tuple]:
-    """``(label, kind, params, FlashConfig | None)`` of every setting, the fixed and budget ones
-    with the tuned start-latent rule."""
+def _plan(tuned, fixed, flash_settings, budgets, include_tuned: bool, include_ae: bool, policy=None) -> list[tuple]:
+    """``(label, kind, params, FlashConfig | None)`` of every setting, the fixed, budget and
+    policy ones with the tuned start-latent rule."""
     from flash_plugin.flash import FlashConfig
 
     c0, v0 = tuned.noise_correction, tuned.variance_scale
@@ -210,6 +214,9 @@ def _plan(tuned, fixed, flash_settings, budgets, include_tuned: bool, include_ae
     for b in budgets:
         plan.append((setting_label("budget", b=b), "budget", {"budget": b, "c": c0, "v": v0},
                      FlashConfig(budget=b, noise_correction=c0, variance_scale=v0)))
+    if policy is not None:
+        plan.append((setting_label("policy"), "policy", {**policy.to_dict(), "c": c0, "v": v0},
+                     FlashConfig(start_policy=policy, noise_correction=c0, variance_scale=v0)))
     return plan
 
 
@@ -253,7 +260,7 @@ def _analyse(result: dict, problem: dict, cached: dict, n_steps: int, n_boot: in
     result["compare"] = {}
     if sum(s["kind"] == "fixed" for s in settings.values()) >= 2:
         for label, s in settings.items():
-            if s["kind"] in ("flash", "budget"):
+            if s["kind"] in ("flash", "budget", "policy"):
                 try:
                     result["compare"][label] = compare_at_equal_nfe(result, label, features, seed=seed, n_boot=n_boot)
                 except ValueError as exc:
@@ -277,6 +284,7 @@ def run_curves(
     budgets: tuple[float, ...] = (),
     include_tuned: bool = True,
     include_ae: bool = True,
+    calibrated: bool = False,
     severity_override: dict | None = None,
     batch_size: int = 64,
     data: str | None = None,
@@ -290,9 +298,10 @@ def run_curves(
     """Run every setting not yet in ``out/<name>.json`` and return the whole result.
 
     ``flash_settings`` are ``(c, v)`` pairs; the tuned pair of the solver's table is added when
-    ``include_tuned``. ``severity_override`` replaces the preset's severities and operator
-    arguments (robustness runs): ``{"t": float, "family_kwargs": {...}}``. ``solve_seed`` (default
-    ``seed``) changes the solvers' noise alone: a replicate on the same measurements.
+    ``include_tuned``; ``calibrated`` adds the start policy stored for the pair.
+    ``severity_override`` replaces the preset's severities and operator arguments (robustness
+    runs): ``{"t": float, "family_kwargs": {...}}``. ``solve_seed`` (default ``seed``) changes the
+    solvers' noise alone: a replicate on the same measurements.
     """
     from flash_plugin.bench.reconstruct import build_solver
     from flash_plugin.models import load_default_model
@@ -331,7 +340,12 @@ def run_curves(
         result = old
     cached = _load_images(_images_path(path))
 
-    for label, kind, params, config in _plan(tuned_config, fixed, flash_settings, budgets, include_tuned, include_ae):
+    policy = None
+    if calibrated:
+        from flash_plugin.solvers.hparams import get_start_policy
+
+        policy = get_start_policy(solver, task)
+    for label, kind, params, config in _plan(tuned_config, fixed, flash_settings, budgets, include_tuned, include_ae, policy):
         if label in result["settings"] and label in cached:
             continue
         recs, wall = _run_setting(kind, config, problem, batch_size, progress)
@@ -373,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--v", nargs="*", default=[], help="variance scales v of extra Flash settings (tuned c)")
     p.add_argument("--cv", nargs="*", default=[], metavar="C,V", help="extra Flash settings as c,v pairs, e.g. 1,8")
     p.add_argument("--budgets", nargs="*", default=[], help="mean steps per image of budget settings")
+    p.add_argument("--calibrated", action="store_true", help="add Flash with the start policy stored for the pair")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--data", default=None)
     p.add_argument("--device", default="cpu")
@@ -395,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         c, _, v = item.partition(",")
         settings.append(_floats([c, v], f"--cv {item}"))
     result = run_curves(args.task, args.solver, n_images=args.n_images, offset=args.offset, split=args.split, seed=args.seed, solve_seed=args.solve_seed,
-                        fixed=tuple(args.fixed), flash_settings=tuple(settings), budgets=_floats(args.budgets, "--budgets"),
+                        fixed=tuple(args.fixed), flash_settings=tuple(settings), budgets=_floats(args.budgets, "--budgets"), calibrated=args.calibrated,
                         batch_size=args.batch_size, data=args.data, device=args.device, out=args.out,
                         name=args.name or (None if args.beyond is None else f"robust_{args.task}_{args.solver}_{args.beyond:g}"),
                         severity_override=None if args.beyond is None else beyond_range(args.task, args.beyond))

@@ -98,7 +98,7 @@ def reusable_baseline(path: str | Path, expect: dict, solver_kwargs: dict) -> di
     old = read_bench_json(path)
     if "baseline" not in old.get("per_image", {}) or "ae" not in old["per_image"]:
         raise FlashInputError(f"{path} has no per-image baseline and AE-only results to reuse")
-    old_kwargs = {k: v for k, v in old.get("hparams", {}).items() if k not in FLASH_PARAMS and v is not None}
+    old_kwargs = {k: v for k, v in old.get("hparams", {}).items() if k not in (*FLASH_PARAMS, "start_policy") and v is not None}
     diff = {k: (old.get(k), v) for k, v in expect.items() if old.get(k) != v}
     if old_kwargs != solver_kwargs:
         diff["solver arguments"] = (old_kwargs, solver_kwargs)
@@ -166,7 +166,7 @@ def _parts_folder(out: str | Path, config: dict) -> Path:
 
 
 def _run_batches(task, solver, model_set, images, severities, methods, *, batch_size, seed, overrides, progress, log,
-                 shard=None, parts: Path | None = None, goal: str = "fidelity"):
+                 shard=None, parts: Path | None = None, goal: str = "fidelity", start_policy: str = "snr"):
     """Per-image records and wall time per method, ``batch_size`` images per solve (the batch's
     first index is part of its seed). Batches are dealt out over the processes of ``shard`` and
     exchanged after each round; with ``parts``, finished batches are stored there and a stopped
@@ -187,7 +187,8 @@ def _run_batches(task, solver, model_set, images, severities, methods, *, batch_
         if i is not None:
             sl = slice(i, i + batch_size)
             r = run_task(task, model_set, images[sl], severities[sl], solver_name=solver, methods=tuple(methods),
-                         seed=seed * 1_000_003 + i, progress=progress, solver_overrides=overrides, goal=goal)
+                         seed=seed * 1_000_003 + i, progress=progress, solver_overrides=overrides, goal=goal,
+                         start_policy=start_policy)
             for rec in r.records:
                 rec.x = rec.x.cpu()
             mine = (i, {m: r.by_method(m) for m in methods}, dict(r.wall_s))
@@ -258,6 +259,7 @@ def run_paired(
     log: Callable[[str], None] | None = None,
     resume: bool = True,
     goal: str = "fidelity",
+    start_policy: str = "snr",
 ) -> dict:
     """Benchmark ``solver`` on ``task``; returns the result and writes it to ``out`` if given.
 
@@ -273,7 +275,8 @@ def run_paired(
     returns the same merged result, equal image for image to a one-process run; the first writes
     it. With ``out`` and ``resume``, finished batches are kept in ``out/.parts/`` and a stopped
     run continues from them. ``goal="perceptual"`` runs Flash with the perceptual settings
-    (`flash_plugin.solvers.hparams.get_hparams`); the baseline does not depend on it.
+    (`flash_plugin.solvers.hparams.get_hparams`) and ``start_policy="calibrated"`` with the
+    stored σ̂² → k map (`flash_plugin.bench.reconstruct.build_solver`); the baseline depends on neither.
     """
     import torch
 
@@ -298,11 +301,11 @@ def run_paired(
     g = torch.Generator().manual_seed(seed)
     severities = get_operator(task).sample_severity(n, g).to(torch.float32).to(device)
     model_set = load_default_model(device=device)
-    settings = build_solver(solver, model_set.latent_diffusion, task, overrides=overrides, goal=goal)[2]
+    settings = build_solver(solver, model_set.latent_diffusion, task, overrides=overrides, goal=goal, start_policy=start_policy)[2]
     to_run = list(methods)
     reused = None
     if reuse_baseline is not None:
-        kwargs = {k: v for k, v in settings.items() if k not in FLASH_PARAMS and v is not None}
+        kwargs = {k: v for k, v in settings.items() if k not in (*FLASH_PARAMS, "start_policy") and v is not None}
         reused = reusable_baseline(reuse_baseline, {"task": task, "solver": solver, "n_images": n, "offset": offset, "seed": seed,
                                                     "num_steps": num_steps, "severities": severities.cpu().tolist()}, kwargs)
         to_run.remove("baseline")
@@ -310,17 +313,19 @@ def run_paired(
     if out is not None and resume:
         parts = _parts_folder(out, {"task": task, "solver": solver, "n_images": n, "offset": offset, "seed": seed,
                                     "batch_size": batch_size, "num_steps": num_steps, "solver_args": settings,
-                                    "methods": to_run, "source": source, "goal": goal, "severities": severities.cpu().tolist()})
+                                    "methods": to_run, "source": source, "goal": goal,
+                                    "start_policy": start_policy, "severities": severities.cpu().tolist()})
     by_method, runs_wall = _run_batches(task, solver, model_set, images, severities, to_run, batch_size=batch_size, seed=seed,
                                         overrides=overrides, progress=progress, log=log if shard.is_main else None,
-                                        shard=shard, parts=parts, goal=goal)
+                                        shard=shard, parts=parts, goal=goal, start_policy=start_policy)
     if reused is not None:
         _take_baseline(by_method, runs_wall, reused, reuse_baseline)
         by_method = {m: by_method[m] for m in methods}
     summary = _summary(by_method, runs_wall, images, methods, reused, reuse_baseline, device)
     summary.update({
         "task": task, "solver": solver, "n_images": n, "offset": offset, "seed": seed, "source": source,
-        "device": str(device), "processes": shard.world, "goal": goal, "batch_size": batch_size, "hparams": settings,
+        "device": str(device), "processes": shard.world, "goal": goal,
+        "start_policy": start_policy, "batch_size": batch_size, "hparams": settings,
         "num_steps": num_steps, "start_steps": [r.start_step for r in by_method.get("flash", [])],
         "sigma2": [r.sigma2 for r in by_method.get("flash", [])], "severities": severities.cpu().tolist(),
         "per_image": {m: [{"psnr": r.psnr, "ssim": r.ssim, "nfe": r.nfe} for r in recs] for m, recs in by_method.items()},

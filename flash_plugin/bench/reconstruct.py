@@ -91,21 +91,28 @@ def _accepts(factory: Any, name: str) -> bool:
 
 
 def build_solver(name: str, model: Any, task: str, *, overrides: dict | None = None,
-                 progress: bool = False, goal: str = "fidelity") -> tuple[Any, FlashConfig, dict]:
+                 progress: bool = False, goal: str = "fidelity", start_policy: str = "snr") -> tuple[Any, FlashConfig, dict]:
     """``(solver, flash_config, settings)`` for the solver registered as ``name``.
 
     A reference solver (`flash_plugin.solvers.hparams.SOLVERS`) gets the tuned table entry of
     ``task`` with ``overrides`` on top; any other registered factory is called as
     ``factory(model, **overrides)`` (plus ``progress`` if it takes it) and runs with the default
     `FlashConfig`. ``goal`` (``"fidelity"`` or ``"perceptual"``) picks the Flash settings
-    (`flash_plugin.solvers.hparams.get_hparams`). ``settings`` is what the solver was built with,
-    for the records.
+    (`flash_plugin.solvers.hparams.get_hparams`); ``start_policy="calibrated"`` replaces the SNR
+    rule by the σ̂² → k map stored for the pair (`flash_plugin.solvers.hparams.get_start_policy`;
+    fitted for the fidelity goal). ``settings`` is what the solver was built with, for the records.
     """
     from flash_plugin.registry import adapt_solver, get_solver
-    from flash_plugin.solvers.hparams import GOALS, PERCEPTUAL_VARIANCE_FACTOR, SOLVERS, get_hparams, make_solver
+    from flash_plugin.solvers.hparams import (
+        GOALS, PERCEPTUAL_VARIANCE_FACTOR, SOLVERS, START_POLICIES, get_hparams, get_start_policy, make_solver,
+    )
 
     if goal not in GOALS:
         raise FlashInputError(f"goal must be one of {', '.join(GOALS)}, got {goal!r}")
+    if start_policy not in START_POLICIES:
+        raise FlashInputError(f"start_policy must be one of {', '.join(START_POLICIES)}, got {start_policy!r}")
+    if start_policy == "calibrated" and goal != "fidelity":
+        raise FlashInputError("the calibrated start policy is fitted for the fidelity goal; use it with goal='fidelity'")
 
     overrides = dict(overrides or {})
     factory = get_solver(name)
@@ -113,6 +120,10 @@ def build_solver(name: str, model: Any, task: str, *, overrides: dict | None = N
         hp = get_hparams(name, task, goal=goal)
         solver = make_solver(name, model, task=task, progress=progress, **overrides)
         settings = {**asdict(hp), **{k: v for k, v in overrides.items() if k != "num_steps"}}
+        if start_policy == "calibrated":
+            policy = get_start_policy(name, task)
+            settings["start_policy"] = policy.to_dict()
+            return solver, FlashConfig(**hp.flash_kwargs(), start_policy=policy), settings
         return solver, FlashConfig(**hp.flash_kwargs()), settings
     kwargs = dict(overrides)
     if progress and _accepts(factory, "progress"):
@@ -120,6 +131,8 @@ def build_solver(name: str, model: Any, task: str, *, overrides: dict | None = N
     for key in overrides:
         if not _accepts(factory, key):
             raise FlashInputError(f"solver {name!r} takes no argument {key!r} (its factory is {factory!r})")
+    if start_policy == "calibrated":
+        raise FlashInputError(f"calibrated start policies exist for the reference solvers only, not for {name!r}")
     solver = adapt_solver(factory(model, **kwargs))
     config = FlashConfig(variance_scale=PERCEPTUAL_VARIANCE_FACTOR) if goal == "perceptual" else FlashConfig()
     return solver, config, {k: v for k, v in overrides.items() if k != "num_steps"}
@@ -141,6 +154,7 @@ def run_task(
     preset: Any = None,
     solve_seed: int | None = None,
     goal: str = "fidelity",
+    start_policy: str = "snr",
 ) -> TaskRun:
     """Degrade ``clean`` with the preset ``task`` and reconstruct it with each of ``methods``.
 
@@ -148,6 +162,7 @@ def run_task(
     the images' own indices sees the same measurements and noise as the full run. ``preset``
     replaces the registered preset ``task`` (e.g. severities beyond its range); ``solve_seed``
     (default ``seed``) seeds the solvers' noise alone, for replicates on the same measurements.
+    ``goal`` and ``start_policy`` choose Flash's settings (`build_solver`).
     """
     from flash_plugin.registry import get_operator
 
@@ -156,7 +171,8 @@ def run_task(
     model = model_set.latent_diffusion
     index = list(range(len(clean))) if image_index is None else [int(i) for i in image_index]
     operator, y = degrade(preset, clean, severities, seed, index)
-    solver, tuned_config, _ = build_solver(solver_name, model, task, overrides=solver_overrides, progress=progress, goal=goal)
+    solver, tuned_config, _ = build_solver(solver_name, model, task, overrides=solver_overrides, progress=progress, goal=goal,
+                                           start_policy=start_policy)
     if task not in ENCODER_FOR_TASK and ("flash" in methods or "ae" in methods):
         raise FlashInputError(f"no bundled severity encoder for task {task!r}; bundled: {', '.join(sorted(set(ENCODER_FOR_TASK.values())))}")
     encoder = model_set.severity_encoder(ENCODER_FOR_TASK[task]) if task in ENCODER_FOR_TASK else None

@@ -180,7 +180,8 @@ def load_estimator(spec: str | None, model_set, tuned_for: str):
 def run_config(input: str | Path, *, task: str | None = None, severity: float | None = None, operator: str | None = None,
                operator_args: Mapping[str, float] | None = None, measured: bool = False, tuned_for: str | None = None,
                solver: str = "latent-dps", solver_args: Mapping[str, float] | None = None, num_steps: int | None = None,
-               model: str | Path | None = None, estimator: str | None = None, seed: int = 0, goal: str = "fidelity") -> dict:
+               model: str | Path | None = None, estimator: str | None = None, seed: int = 0, goal: str = "fidelity",
+               start_policy: str = "snr") -> dict:
     """The configuration a run records and a resumed run must match, with the defaults filled in:
     a measurement file or ``measured`` folder has no task; clean images default to
     ``gblur-varying``; ``tuned_for`` defaults to the task, else to the operator family's preset."""
@@ -193,7 +194,7 @@ def run_config(input: str | Path, *, task: str | None = None, severity: float | 
         "solver": solver, "solver_args": dict(solver_args or {}), "num_steps": num_steps,
         "model": str(Path(model).resolve()) if model else "bundled fashion-mnist-32",
         "estimator": (str(Path(estimator).resolve()) if estimator and Path(estimator).exists() else estimator),
-        "seed": seed, "goal": goal,
+        "seed": seed, "goal": goal, "start_policy": start_policy,
     }
 
 
@@ -262,7 +263,8 @@ def reconstruct_files(input: str | Path, out: str | Path, *, batch_size: int = 8
     elif tuple(y_all.shape[1:]) != shape:
         raise FlashInputError(f"{src}: measurements of shape {tuple(y_all.shape[1:])} per image; the model's images are {shape}")
     overrides = {**config["solver_args"], **({} if config["num_steps"] is None else {"num_steps": config["num_steps"]})}
-    solver, flash_config, solver_settings = build_solver(config["solver"], model, config["tuned_for"], overrides=overrides, goal=config["goal"])
+    solver, flash_config, solver_settings = build_solver(config["solver"], model, config["tuned_for"], overrides=overrides, goal=config["goal"],
+                                                        start_policy=config.get("start_policy", "snr"))
     flashed = flash(solver, load_estimator(config["estimator"], model_set, config["tuned_for"]), flash_config)
     preset = None if config["task"] is None else get_operator(config["task"])
 

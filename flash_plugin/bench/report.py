@@ -55,15 +55,29 @@ def fixed_table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def current_snr_label(res: dict) -> str | None:
+    """The label of the run's SNR-rule setting at the table's current ``c`` and ``v`` (the
+    table may have changed since the run), or ``None`` if the run lacks it."""
+    from flash_plugin.bench.curves import setting_label
+    from flash_plugin.solvers.hparams import get_hparams
+
+    hp = get_hparams(res["meta"]["solver"], res["meta"]["task"])
+    label = setting_label("flash", c=hp.noise_correction, v=hp.variance_scale)
+    return label if label in res["settings"] else None
+
+
 def policy_table(results: list[dict]) -> str:
-    """Per pair: how the best grid step of an image relates to σ̂², and the best cross-fitted
-    σ̂² policy against the fixed-start curve."""
+    """Per pair: how the best grid step of an image relates to σ̂², and what a monotone policy
+    gains over the fixed-start curve at the tuned rule's compute, cross-fitted (fitted on half
+    the images, scored on the other), when it ranks images by σ̂² or by one of two oracles Flash
+    does not have: the true severity and the true error of the encoder's estimate."""
     from scipy.stats import spearmanr
 
-    from flash_plugin.bench.policy import adaptivity_report, fixed_table as table_of
+    from flash_plugin.bench.policy import adaptivity_report, cross_fitted_at_nfe, features_of, fixed_table as table_of, tuned_setting
 
-    rows = ["| task | solver | Spearman(σ̂², best k) | in-sample oracle − fixed (NFE) | best cross-fitted σ̂² policy − fixed (NFE) |",
-            "|---|---|---|---|---|"]
+    names = ("sigma2", "true severity", "true encoder error")
+    rows = ["| task | solver | Spearman(σ̂², best k) | in-sample oracle − fixed (NFE) | cross-fitted at the tuned NFE: by σ̂² | "
+            "by the true severity | by the true encoder error |", "|---|---|---|---|---|---|---|"]
     for res in results:
         if "sigma2" not in res or sum(s["kind"] == "fixed" for s in res["settings"].values()) < 3:
             continue
@@ -71,11 +85,36 @@ def policy_table(results: list[dict]) -> str:
         ks, t = table_of(res)
         rho = spearmanr(res["sigma2"], ks[t.argmax(1)]).statistic
         o = rep["oracle"]
-        pts = [p for p in rep["cross_fitted"] if len(p["distinct_steps"]) > 1]
-        best = max(pts, key=lambda p: p["vs_fixed"]["diff"] / max(p["vs_fixed"]["se"], 1e-9)) if pts else None
-        cf = f"{_pm(best['vs_fixed'])} dB ({best['mean_nfe']:.0f})" if best else "no policy uses two steps"
+        target = tuned_setting(res, current_snr_label(res))["mean_nfe"]
+        feats = features_of(res)
+        cells = [f"{_pm(cross_fitted_at_nfe(res, feats[n], target))} dB" if n in feats else "n/a" for n in names]
         rows.append(f"| {res['meta']['task']} | {res['meta']['solver']} | {rho:+.2f} | "
-                    f"{_pm(o['vs_fixed_in_sample'])} dB ({o['mean_nfe']:.0f}) | {cf} |")
+                    f"{_pm(o['vs_fixed_in_sample'])} dB ({o['mean_nfe']:.0f}) | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def calibrated_table(results: list[dict], policies: str | Path | None = None) -> str:
+    """The stored calibrated policies on held-out images: looked up in each pair's fixed-start
+    grid (and run, where the curves have the ``policy:calibrated`` setting), against the fixed
+    curve at the same mean NFE and against the SNR rule (paired over images)."""
+    from flash_plugin.bench.policy import score_policy
+    from flash_plugin.errors import FlashInputError
+    from flash_plugin.solvers.hparams import START_POLICIES_PATH, get_start_policy
+
+    rows = ["| task | solver | steps (σ̂² thresholds) | mean NFE | PSNR | − fixed curve | − SNR rule (its NFE) | run: − fixed curve |",
+            "|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        meta = res["meta"]
+        try:
+            pol = get_start_policy(meta["solver"], meta["task"], policies or START_POLICIES_PATH)
+            r = score_policy(pol, res, current_snr_label(res))
+        except FlashInputError:
+            continue
+        run = res.get("compare", {}).get("policy:calibrated")
+        ran = _pm(run["psnr"]) if run and "psnr" in run else "not run"
+        th = ", ".join(f"{x:.3g}" for x in pol.thresholds)
+        rows.append(f"| {meta['task']} | {meta['solver']} | {list(pol.steps)} ({th}) | {r['mean_nfe']:.1f} | {r['psnr']:.2f} | "
+                    f"{_pm(r['vs_fixed'])} | {_pm(r['vs_tuned'])} ({r['tuned_mean_nfe']:.0f}) | {ran} |")
     return "\n".join(rows)
 
 
@@ -135,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     print("## Fixed-start curves\n\n" + fixed_table(curves))
     print("\n## Flash and budgets against the fixed-start curve\n\n" + curves_table(curves))
     print("\n## Start policies\n\n" + policy_table(curves))
+    print("\n## Calibrated start policies on held-out images\n\n" + calibrated_table(curves))
     if robust:
         rows = robustness_rows(robust)
         print("\n## Robustness\n\n" + robustness_table(rows))

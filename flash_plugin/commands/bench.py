@@ -49,6 +49,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--goal", default="fidelity", choices=["fidelity", "perceptual"],
                    help="Flash settings: fidelity (tuned for PSNR, default) or perceptual (later starts, lower FD-FMNIST)")
+    p.add_argument("--start-policy", default="snr", choices=["snr", "calibrated"],
+                   help="how Flash picks start steps: snr (the paper's SNR match of σ̂², default) or calibrated "
+                        "(the σ̂² → k map fitted on training images and stored with the bundled model; fidelity goal only)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="keep finished batches in OUT/.parts and continue a stopped run from them (default: on)")
     p.add_argument("--out", default="flash-bench", help="output directory (default ./flash-bench)")
@@ -108,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
         args.task, args.solver, n_images=args.n_images, offset=args.offset, batch_size=args.batch_size, num_steps=args.num_steps,
         solver_args=overrides, reuse_baseline=args.reuse_baseline, methods=args.methods, data=args.data, seed=args.seed,
         device=args.device, out=args.out, progress=_args.progress_bars(args.progress) and is_main_process(),
-        log=lambda line: _args.stage("bench", line), resume=args.resume, goal=args.goal)
+        log=lambda line: _args.stage("bench", line), resume=args.resume, goal=args.goal,
+        start_policy=args.start_policy)
     if not is_main_process():
         return 0
     print(f"{'method':<10} {'PSNR':>7} {'SSIM':>7} {'NFE':>8} {'FD-FMNIST':>10} {'wall s':>8}")

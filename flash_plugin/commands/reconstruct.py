@@ -79,6 +79,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed from which every image's own seeds derive (default 0)")
     p.add_argument("--goal", default="fidelity", choices=["fidelity", "perceptual"],
                    help="Flash settings: fidelity (tuned for PSNR, default) or perceptual (later starts, lower FD-FMNIST)")
+    p.add_argument("--start-policy", default="snr", choices=["snr", "calibrated"],
+                   help="how Flash picks start steps: snr (the paper's SNR match of σ̂², default) or calibrated "
+                        "(the σ̂² → k map fitted on training images and stored with the bundled model; fidelity goal only)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     _args.add_progress_option(p)
@@ -157,7 +160,7 @@ def validate(args: argparse.Namespace) -> dict:
     return {"task": task, "severity": args.severity, "operator": args.operator, "operator_args": operator_params,
             "measured": measured, "tuned_for": tuned_for, "solver": args.solver, "solver_args": solver_params,
             "num_steps": args.num_steps, "model": args.model, "estimator": args.estimator, "seed": args.seed,
-            "goal": args.goal}
+            "goal": args.goal, "start_policy": args.start_policy}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from flash_plugin.errors import FlashInputError, UnknownPluginNameError
+from flash_plugin.schedule import StartPolicy
 from flash_plugin.solvers.base import ReverseDiffusionSolver, Sampler
 from flash_plugin.solvers.gml_dps import GMLDPS
 from flash_plugin.solvers.latent_dps import LatentDPS
@@ -131,6 +132,33 @@ PERCEPTUAL_VARIANCE_FACTOR = 4.0
 """The ``perceptual`` goal multiplies the entry's ``v`` by this: every image starts later and runs
 about 2.5 times the steps, which lowers FD-FMNIST and costs no PSNR on this model; a larger ``c``
 lowers FD less and costs PSNR (measurements: BENCHMARKS.md, "Perception and distortion")."""
+
+
+START_POLICIES: tuple[str, ...] = ("snr", "calibrated")
+"""How Flash picks start steps: ``snr``, the paper's SNR match of ``σ̂²`` (default), or
+``calibrated``, the σ̂² → k map fitted per solver and task on training images and stored with the
+model (`get_start_policy`)."""
+
+START_POLICIES_PATH = EVIDENCE_PATH.with_name("start_policies.json")
+"""The calibrated start policies of the bundled model (written by ``python -m flash_plugin.bench.policy fit``)."""
+
+
+def get_start_policy(solver: str, task: str, path: str | Path = START_POLICIES_PATH) -> StartPolicy:
+    """The calibrated start policy stored for ``(solver, task)``; it was fitted at the compute of
+    the tuned SNR rule for the ``fidelity`` goal (BENCHMARKS.md, "Start policies")."""
+    _check_solver_name(solver)
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FlashInputError(f"no calibrated start policies at {path}") from None
+    except (OSError, ValueError) as exc:
+        raise FlashInputError(f"{path} is not a readable start-policy file: {exc}") from None
+    entries = {(e.get("solver"), e.get("task")): e for e in data.get("entries", []) if isinstance(e, dict)}
+    if (solver, task) not in entries:
+        have = ", ".join(f"{s}/{t}" for s, t in sorted(entries)) or "none"
+        raise FlashInputError(f"no calibrated start policy for {solver} on {task} in {path}; calibrated pairs: {have}")
+    return StartPolicy.from_dict(entries[(solver, task)])
 
 
 def _check_solver_name(name: str) -> None:
