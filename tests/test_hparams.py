@@ -96,3 +96,23 @@ def test_a_perceptual_flash_starts_later_on_the_same_measurements():
     per = run_task("gblur-varying", model_set, images[:2], sev, goal="perceptual", **kw).by_method("flash")
     assert all(p.start_step > f.start_step for p, f in zip(per, fid))
     assert [p.sigma2 for p in per] == [f.sigma2 for f in fid]
+
+
+def test_the_calibrated_start_policy_is_chosen_by_name():
+    from flash_plugin.bench.reconstruct import build_solver
+    from flash_plugin.errors import FlashInputError
+    from flash_plugin.models import load_default_model
+    from flash_plugin.solvers.hparams import get_start_policy
+
+    model = load_default_model().latent_diffusion
+    _, snr, _ = build_solver("latent-dps", model, "gblur-varying")
+    _, cal, settings = build_solver("latent-dps", model, "gblur-varying", start_policy="calibrated")
+    assert snr.start_policy is None and cal.start_policy == get_start_policy("latent-dps", "gblur-varying")
+    assert (cal.noise_correction, cal.variance_scale) == (snr.noise_correction, snr.variance_scale)
+    assert settings["start_policy"] == cal.start_policy.to_dict()
+    with pytest.raises(FlashInputError, match="start_policy must be one of snr, calibrated"):
+        build_solver("latent-dps", model, "gblur-varying", start_policy="smart")
+    with pytest.raises(FlashInputError, match="does not combine with goal 'perceptual'"):
+        build_solver("latent-dps", model, "gblur-varying", start_policy="calibrated", goal="perceptual")
+    with pytest.raises(FlashInputError, match="calibrated pairs"):
+        build_solver("sampler", model, "gblur-varying", start_policy="calibrated")

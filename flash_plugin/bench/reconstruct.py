@@ -112,7 +112,7 @@ def build_solver(name: str, model: Any, task: str, *, overrides: dict | None = N
     if start_policy not in START_POLICIES:
         raise FlashInputError(f"start_policy must be one of {', '.join(START_POLICIES)}, got {start_policy!r}")
     if start_policy == "calibrated" and goal != "fidelity":
-        raise FlashInputError("the calibrated start policy is fitted for the fidelity goal; use it with goal='fidelity'")
+        raise FlashInputError(f"the calibrated start policy was fitted for the fidelity goal (the default); it does not combine with goal {goal!r}")
 
     overrides = dict(overrides or {})
     factory = get_solver(name)
