@@ -92,7 +92,7 @@ def _curves_result(table, ks, sigma2, tuned=None):
     settings = {f"fixed:{k}": {"kind": "fixed", "mean_nfe": float(k), "params": {"k": int(k)},
                                "per_image": {"psnr": list(table[:, j])}} for j, k in enumerate(ks)}
     if tuned is not None:  # (per-image PSNR, mean NFE) of the tuned SNR rule
-        settings["flash:c=0,v=2"] = {"kind": "flash", "mean_nfe": float(tuned[1]), "params": {"tuned": True},
+        settings["flash:c=0,v=2"] = {"kind": "flash", "mean_nfe": float(tuned[1]), "params": {"c": 0.0, "v": 2.0, "tuned": True},
                                      "per_image": {"psnr": list(tuned[0])}}
     return {"settings": settings, "sigma2": list(sigma2)}
 
@@ -244,3 +244,37 @@ def test_the_calibrated_setting_equals_its_grid_lookup(tmp_path, monkeypatch):
     assert sorted(got["start_step"]) == [1, 3] and got["start_step"] == steps.tolist()
     lookup = [res["settings"][f"fixed:{k}"]["per_image"]["psnr"][i] for i, k in enumerate(steps)]
     assert got["psnr"] == pytest.approx(lookup, abs=1e-4)  # same draws; a mixed-start batch rounds differently
+
+
+def test_the_report_tables_and_figure_of_a_curves_folder(tmp_path, capsys, monkeypatch):
+    import flash_plugin.solvers.hparams as hparams
+    from flash_plugin.bench import report
+
+    rng = np.random.default_rng(5)
+    ks = np.array([10, 25, 50, 100, 200])
+    n = 40
+    sigma2, table = _dependent_table(rng, n, ks, 2.0)
+    res = _curves_result(table, ks, sigma2, tuned=(table[:, 2], 50.0))
+    for label, s in res["settings"].items():
+        s.update(label=label, psnr=float(np.mean(s["per_image"]["psnr"])), ssim=0.5, fd_fmnist=10.0, wall_s=1.0)
+        s["per_image"]["ssim"] = [0.5] * n
+    res["settings"]["ae"] = {"label": "ae", "kind": "ae", "mean_nfe": 0.0, "psnr": 15.0, "ssim": 0.4, "fd_fmnist": 50.0, "wall_s": 0.1,
+                             "params": {}, "per_image": {"psnr": list(15 + sigma2), "ssim": [0.4] * n}}
+    res["meta"] = {"task": "gblur-varying", "solver": "latent-dps", "n_images": n, "offset": 0, "seed": 0, "split": "test",
+                   "severities": list(sigma2 + 0.01 * rng.normal(size=n))}
+    res["compare"] = {"flash:c=0,v=2": compare_at_equal_nfe(res, "flash:c=0,v=2")}
+    (tmp_path / "curves_gblur-varying_latent-dps.json").write_text(json.dumps(res))
+    train = {**res, "meta": {**res["meta"], "split": "train", "hparams": {}}}
+    write_policies([("train.json", train)], tmp_path / "policies.json")
+    monkeypatch.setattr(hparams, "START_POLICIES_PATH", tmp_path / "policies.json")
+    assert report.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| gblur-varying")}
+    assert "fixed:200" in out and "flash:c=0,v=2 (tuned)" in out
+    # σ̂² decides here, so the policy table shows a clear cross-fitted gain for it
+    policy_row = [line for line in out.split("## Start policies")[1].splitlines() if line.startswith("| gblur-varying")][0]
+    gain, se = (float(x) for x in policy_row.split("|")[5].replace("dB", "").split("±"))
+    assert gain > 3 * se and rows
+    calibrated = out.split("## Calibrated start policies on held-out images")[1]
+    assert "| gblur-varying | latent-dps |" in calibrated and "not run" in calibrated
+    assert (tmp_path / "curves_gblur-varying_latent-dps.png").stat().st_size > 10_000

@@ -15,14 +15,15 @@ def _plt():
 
 
 def plot_curves(result: dict, path: str | Path) -> None:
-    """PSNR, SSIM and FD-FMNIST against mean NFE: the fixed-start curve as a line, Flash settings
-    and the budget curve as points, AE-only as a horizontal line."""
+    """PSNR, SSIM and FD-FMNIST against mean NFE: the fixed-start curve as a line, Flash settings,
+    the calibrated start policy and the budget curve as points, AE-only as a horizontal line."""
     plt = _plt()
     s = result["settings"]
     meta = result["meta"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     kinds = {"fixed": ("fixed start (every image at k)", "k-", "o"), "budget": ("Flash, compute budget", "C1--", "s"),
-             "flash": ("Flash (σ̂² rule), one point per c, v", None, "D")}
+             "flash": ("Flash (σ̂² rule), one point per c, v", None, "D"),
+             "policy": ("Flash, calibrated start policy", None, "*")}
     for ax, metric, name in zip(axes, ("psnr", "ssim", "fd_fmnist"), ("PSNR (dB)", "SSIM", "FD-FMNIST (lower is better)")):
         for kind, (label, line, marker) in kinds.items():
             pts = sorted((v for v in s.values() if v["kind"] == kind and metric in v), key=lambda v: v["mean_nfe"])
@@ -33,8 +34,8 @@ def plot_curves(result: dict, path: str | Path) -> None:
             if line:
                 ax.plot(x, y, line, marker=marker, label=label)
             else:
-                ax.scatter(x, y, marker=marker, color="C3", zorder=3, label=label)
-                for v in pts:
+                ax.scatter(x, y, marker=marker, color="C3" if kind == "flash" else "C4", s=60, zorder=3, label=label)
+                for v in pts if kind == "flash" else ():
                     ax.annotate(f"c={v['params']['c']:g}, v={v['params']['v']:g}", (v["mean_nfe"], v[metric]),
                                 fontsize=7, xytext=(3, 3), textcoords="offset points")
         if "ae" in s and metric in s["ae"]:
