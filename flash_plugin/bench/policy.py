@@ -14,6 +14,9 @@ scored on the other (and the reverse), so that picking the best of noisy draws d
 them, and sets each against the fixed-start curve at the same mean NFE (per image, linear in log
 NFE). It also reports the per-image oracle (the best grid step of each image, in-sample: an upper
 bound inflated by noise) and the oracle re-scored on an independent draw where one exists.
+`cross_fitted_at_nfe` does the same at one fixed compute for any ranking of the images
+(`features_of`: σ̂², and as oracles the true severity and the true error of ``ẑ``), which tells a
+poor estimator apart from a model whose best start steps no severity orders.
 """
 
 from __future__ import annotations
