@@ -165,21 +165,29 @@ def test_allocate_steps_bounds_fixed_samples_and_errors():
         allocate_steps(sched, v, float("nan"))
 
 
-def test_flash_budget_mode_spends_the_budget():
-    from flash_plugin import FlashConfig, flash
+class FourEstimates:
+    """ẑ = y and a fixed σ̂² for a batch of four."""
+
+    metadata: dict = {}
+
+    def estimate(self, y):
+        from flash_plugin.types import SeverityEstimate
+
+        return SeverityEstimate(y.clone(), torch.tensor([0.02, 0.5, 0.1, 0.05], dtype=torch.float64))
+
+
+def sampler_on_oracle(num_steps: int):
     from flash_plugin.models.gaussian_oracle import GaussianOracle
     from flash_plugin.solvers import Sampler
-    from flash_plugin.types import SeverityEstimate
 
-    class Fixed:
-        metadata: dict = {}
+    return Sampler(GaussianOracle(torch.zeros(1, 2, 2), torch.ones(1, 2, 2)), num_steps=num_steps)
 
-        def estimate(self, y):
-            return SeverityEstimate(y.clone(), torch.tensor([0.02, 0.5, 0.1, 0.05], dtype=torch.float64))
 
-    oracle = GaussianOracle(torch.zeros(1, 2, 2), torch.ones(1, 2, 2))
+def test_flash_budget_mode_spends_the_budget():
+    from flash_plugin import FlashConfig, flash
+
     y = torch.zeros(4, 1, 2, 2)
-    sol = flash(Sampler(oracle, num_steps=100), Fixed(), FlashConfig(budget=25.0))(y, None)
+    sol = flash(sampler_on_oracle(100), FourEstimates(), FlashConfig(budget=25.0))(y, None)
     assert int(sol.nfe.sum()) == 100 and sol.nfe.tolist() == sol.start_step.tolist()
     assert sol.start_step[1] == sol.start_step.max() and sol.start_step[0] == sol.start_step.min()
     with pytest.raises(FlashInputError, match="exclude each other"):
@@ -224,26 +232,16 @@ def test_start_policy_refuses_bad_variances_and_bad_dicts():
 
 def test_flash_with_a_start_policy_starts_where_the_policy_says():
     from flash_plugin import FlashConfig, flash
-    from flash_plugin.models.gaussian_oracle import GaussianOracle
-    from flash_plugin.solvers import Sampler
-    from flash_plugin.types import SeverityEstimate
 
-    class Fixed:
-        metadata: dict = {}
-
-        def estimate(self, y):
-            return SeverityEstimate(y.clone(), torch.tensor([0.02, 0.5, 0.1, 0.05], dtype=torch.float64))
-
-    oracle = GaussianOracle(torch.zeros(1, 2, 2), torch.ones(1, 2, 2))
     y = torch.zeros(4, 1, 2, 2)
     pol = StartPolicy((0.04, 0.2), (5, 20, 60))
     # variance_scale must not move the steps: the policy reads the raw σ̂²
-    sol = flash(Sampler(oracle, num_steps=100), Fixed(), FlashConfig(start_policy=pol, variance_scale=8.0, noise_correction=0.0))(y, None)
+    sol = flash(sampler_on_oracle(100), FourEstimates(), FlashConfig(start_policy=pol, variance_scale=8.0, noise_correction=0.0))(y, None)
     assert sol.start_step.tolist() == [5, 60, 20, 20] and sol.nfe.tolist() == [5, 60, 20, 20]
-    clamped = flash(Sampler(oracle, num_steps=100), Fixed(), FlashConfig(start_policy=pol, max_step=30))(y, None)
+    clamped = flash(sampler_on_oracle(100), FourEstimates(), FlashConfig(start_policy=pol, max_step=30))(y, None)
     assert clamped.start_step.tolist() == [5, 30, 20, 20]
     with pytest.raises(FlashInputError, match="calibrated for another schedule"):
-        flash(Sampler(oracle, num_steps=50), Fixed(), FlashConfig(start_policy=pol))
+        flash(sampler_on_oracle(50), FourEstimates(), FlashConfig(start_policy=pol))
     with pytest.raises(FlashInputError, match="excludes budget and force_step"):
         FlashConfig(start_policy=pol, budget=10)
     with pytest.raises(FlashInputError, match="must be a flash_plugin.schedule.StartPolicy"):
