@@ -151,6 +151,7 @@ def test_ci_runs_the_suite_again_with_the_data_hidden():
 WEIGHTS_ARC = "flash_plugin/weights/fashion-mnist-32/"
 SHIPPED_WEIGHTS = sorted([
     "MANIFEST.sha256", "MODEL_CARD.md", "MODEL_CARD_METRICS.json", "hparams.json", "latent_diffusion.json", "schedule.safetensors",
+    "start_policies.json",
     "test_images.safetensors",
     "autoencoder/MODEL_CARD.md", "autoencoder/config.json", "autoencoder/diffusion_pytorch_model.safetensors",
     "autoencoder/training_summary.json",
