@@ -120,6 +120,15 @@ def test_monotone_policy_is_the_exhaustive_optimum():
         assert value == pytest.approx(best)
 
 
+def test_monotone_policy_keeps_tied_sigma2_together():
+    ks = np.array([10, 50])
+    sigma2 = np.array([1.0, 1.0, 1.0, 2.0])
+    # alone, image 0 would want 10 and images 1-2 would want 50; tied, the group goes where its sum says
+    table = np.array([[5.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 9.0]])
+    assert fit_monotone_policy(sigma2, table, ks, 0.0) == StartPolicy((1.5,), (10, 50))
+    assert fit_monotone_policy(np.ones(4), table, ks, 0.0) == StartPolicy((), (50,))
+
+
 def test_report_finds_a_real_dependence_on_sigma2_and_none_in_noise():
     rng = np.random.default_rng(0)
     ks = np.array([10, 25, 50, 100, 200])

@@ -48,15 +48,20 @@ def fixed_table(result: dict, metric: str = "psnr") -> tuple[np.ndarray, np.ndar
 
 
 def fit_monotone_policy(sigma2: np.ndarray, table: np.ndarray, ks: np.ndarray, price: float) -> StartPolicy:
-    """The monotone policy maximising ``Σ table[i, level_i] − price · Σ ks[level_i]``."""
-    order = np.argsort(sigma2, kind="stable")
-    gain = table[order] - price * ks[None, :]
+    """The monotone policy maximising ``Σ table[i, level_i] − price · Σ ks[level_i]``.
+
+    Images with equal σ̂² form one group (a threshold cannot part them); the dynamic programme
+    runs over the groups in increasing σ̂², keeping for each level the best total of the groups
+    so far whose last level is at most that one."""
+    values, group = np.unique(np.asarray(sigma2, dtype=float), return_inverse=True)
+    gain = np.zeros((len(values), len(ks)))
+    np.add.at(gain, group, table - price * ks[None, :])
     n, k = gain.shape
     best = np.empty((n, k))
     arg = np.zeros((n, k), dtype=int)
     best[0] = gain[0]
     for i in range(1, n):
-        # the best total up to image i-1 with a level <= l, and which level gave it
+        # the best total up to group i-1 with a level <= l, and which level gave it
         run_arg = np.zeros(k, dtype=int)
         run = best[i - 1].copy()
         for lvl in range(1, k):
@@ -70,11 +75,10 @@ def fit_monotone_policy(sigma2: np.ndarray, table: np.ndarray, ks: np.ndarray, p
     levels[-1] = int(np.argmax(best[-1]))
     for i in range(n - 1, 0, -1):
         levels[i - 1] = arg[i, levels[i]]
-    s = np.asarray(sigma2)[order]
     thresholds, steps = [], [int(ks[levels[0]])]
     for i in range(1, n):
         if levels[i] != levels[i - 1]:
-            thresholds.append(float((s[i - 1] + s[i]) / 2))
+            thresholds.append(float((values[i - 1] + values[i]) / 2))
             steps.append(int(ks[levels[i]]))
     return StartPolicy(tuple(thresholds), tuple(steps))
 
