@@ -140,6 +140,17 @@ def adaptivity_report(result: dict, *, prices: tuple[float, ...] | None = None, 
     return {"n_images": n, "fixed": fixed_curve, "cross_fitted": points, "oracle": oracle}
 
 
+def current_snr_label(result: dict) -> str | None:
+    """The label of the run's SNR-rule setting at the table's current ``c`` and ``v`` (the table
+    may have changed since the run), or ``None`` if the run lacks it."""
+    from flash_plugin.bench.curves import setting_label
+    from flash_plugin.solvers.hparams import get_hparams
+
+    hp = get_hparams(result["meta"]["solver"], result["meta"]["task"])
+    label = setting_label("flash", c=hp.noise_correction, v=hp.variance_scale)
+    return label if label in result["settings"] else None
+
+
 def tuned_setting(result: dict, label: str | None = None) -> dict:
     """The tuned Flash setting of a curves result (the SNR rule at the table's ``c`` and ``v``
     when the run was made), or the setting ``label``."""
@@ -151,10 +162,12 @@ def tuned_setting(result: dict, label: str | None = None) -> dict:
     raise FlashInputError("the curves result has no tuned Flash setting to match the compute of")
 
 
-def fit_start_policy(result: dict, *, target_nfe: float | None = None, prices: np.ndarray | None = None) -> tuple[StartPolicy, dict[str, Any]]:
+def fit_start_policy(result: dict, *, target_nfe: float | None = None, snr_label: str | None = None,
+                     prices: np.ndarray | None = None) -> tuple[StartPolicy, dict[str, Any]]:
     """The monotone σ̂² policy of a (training-split) curves result whose mean step count is
-    closest to ``target_nfe`` (default: the tuned SNR rule's mean NFE on the same images), and
-    what the fit saw: the price, the grid, the in-sample mean NFE and PSNR.
+    closest to ``target_nfe`` (default: the mean NFE of the tuned SNR rule, or of the setting
+    ``snr_label``, on the same images), and what the fit saw: the price, the grid, the in-sample
+    mean NFE and PSNR.
 
     The policy may only use steps of the fixed-start grid; at equal compute it moves steps from
     images that gain little from them to images that gain more. Fitted on training images and
@@ -164,7 +177,7 @@ def fit_start_policy(result: dict, *, target_nfe: float | None = None, prices: n
     if len(ks) < 2:
         raise FlashInputError("fitting a start policy needs a curves result with at least two fixed start steps")
     sigma2 = np.asarray(result["sigma2"], dtype=float)
-    target = tuned_setting(result)["mean_nfe"] if target_nfe is None else float(target_nfe)
+    target = tuned_setting(result, snr_label)["mean_nfe"] if target_nfe is None else float(target_nfe)
     if not ks[0] <= target <= ks[-1]:
         raise FlashInputError(f"the target mean NFE {target:.1f} lies outside the grid [{ks[0]}, {ks[-1]}]")
     prices = np.geomspace(1e-5, 1.0, 241) if prices is None else np.asarray(prices, dtype=float)
@@ -251,7 +264,9 @@ def write_policies(train_results: list[tuple[str, dict]], out: str | Path, *, mo
         meta = res["meta"]
         if meta.get("split") != "train":
             raise FlashInputError(f"{record} is a run on the {meta.get('split')} split: fit start policies on training images")
-        pol, info = fit_start_policy(res)
+        label = current_snr_label(res)
+        pol, info = fit_start_policy(res, snr_label=label)
+        info["matched_setting"] = label or tuned_setting(res)["label"]
         entries.append({"solver": meta["solver"], "task": meta["task"], **pol.to_dict(),
                         "fit": {**info, "record": str(record), "images": f"Fashion-MNIST training images {meta['offset']}.."
                                 f"{meta['offset'] + meta['n_images'] - 1}", "seed": meta["seed"], "hparams": meta["hparams"]}})
@@ -287,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     for t in args.test:
         res = json.loads(Path(t).read_text())
         meta = res["meta"]
-        r = score_policy(get_start_policy(meta["solver"], meta["task"], args.policies), res)
+        r = score_policy(get_start_policy(meta["solver"], meta["task"], args.policies), res, current_snr_label(res))
         print(f"{meta['solver']:<11} {meta['task']:<18} mean NFE {r['mean_nfe']:6.1f}  PSNR {r['psnr']:.2f}  "
               f"vs fixed {r['vs_fixed']['diff']:+.3f} ± {r['vs_fixed']['se']:.3f}  "
               f"vs SNR rule ({r['tuned_mean_nfe']:.1f} NFE) {r['vs_tuned']['diff']:+.3f} ± {r['vs_tuned']['se']:.3f}")

@@ -55,17 +55,6 @@ def fixed_table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def current_snr_label(res: dict) -> str | None:
-    """The label of the run's SNR-rule setting at the table's current ``c`` and ``v`` (the
-    table may have changed since the run), or ``None`` if the run lacks it."""
-    from flash_plugin.bench.curves import setting_label
-    from flash_plugin.solvers.hparams import get_hparams
-
-    hp = get_hparams(res["meta"]["solver"], res["meta"]["task"])
-    label = setting_label("flash", c=hp.noise_correction, v=hp.variance_scale)
-    return label if label in res["settings"] else None
-
-
 def policy_table(results: list[dict]) -> str:
     """Per pair: how the best grid step of an image relates to σ̂², and what a monotone policy
     gains over the fixed-start curve at the tuned rule's compute, cross-fitted (fitted on half
@@ -73,7 +62,9 @@ def policy_table(results: list[dict]) -> str:
     does not have: the true severity and the true error of the encoder's estimate."""
     from scipy.stats import spearmanr
 
-    from flash_plugin.bench.policy import adaptivity_report, cross_fitted_at_nfe, features_of, fixed_table as table_of, tuned_setting
+    from flash_plugin.bench.policy import (
+        adaptivity_report, cross_fitted_at_nfe, current_snr_label, features_of, fixed_table as table_of, tuned_setting,
+    )
 
     names = ("sigma2", "true severity", "true encoder error")
     rows = ["| task | solver | Spearman(σ̂², best k) | in-sample oracle − fixed (NFE) | cross-fitted at the tuned NFE: by σ̂² | "
@@ -97,7 +88,7 @@ def calibrated_table(results: list[dict], policies: str | Path | None = None) ->
     """The stored calibrated policies on held-out images: looked up in each pair's fixed-start
     grid (and run, where the curves have the ``policy:calibrated`` setting), against the fixed
     curve at the same mean NFE and against the SNR rule (paired over images)."""
-    from flash_plugin.bench.policy import score_policy
+    from flash_plugin.bench.policy import current_snr_label, score_policy
     from flash_plugin.errors import FlashInputError
     from flash_plugin.solvers.hparams import START_POLICIES_PATH, get_start_policy
 
