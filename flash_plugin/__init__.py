@@ -9,6 +9,7 @@ Public API only; see docs/architecture.md and the README for the rest.
 
 from flash_plugin.flash import FlashConfig, FlashSolver, flash
 from flash_plugin.markers import hookimpl
+from flash_plugin.schedule import StartPolicy
 from flash_plugin.types import NoiseSchedule, SeverityEstimate, Solution, StartPoint
 from flash_plugin.utils.random import GeneratorLike, randn_per_sample
 
@@ -20,6 +21,7 @@ __all__ = [
     "SeverityEstimate",
     "Solution",
     "StartPoint",
+    "StartPolicy",
     "flash",
     "hookimpl",
     "randn_per_sample",
