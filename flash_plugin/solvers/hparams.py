@@ -109,7 +109,7 @@ TUNED_HPARAMS: dict[tuple[str, str], SolverHparams] = {
     ("psld", "random-inpainting"):       _H(zeta=0.35, gamma=0.5, noise_correction=0.0),
     ("resample", "gblur-varying"):       _H(gamma_rs=25600.0, noise_correction=0.0),
     ("resample", "gblur-fixed"):         _H(gamma_rs=6400.0, noise_correction=0.0),
-    ("resample", "nonlinear-blur"):      _H(gamma_rs=25600.0, noise_correction=0.0, variance_scale=8.0),
+    ("resample", "nonlinear-blur"):      _H(gamma_rs=25600.0, noise_correction=0.0, variance_scale=2.0),
     ("resample", "random-inpainting"):   _H(gamma_rs=25600.0, noise_correction=0.0),
 }  # fmt: skip
 """Ours, re-tuned on the bundled model (evidence: `load_evidence`); γ is the paper's throughout."""
