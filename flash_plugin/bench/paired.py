@@ -90,15 +90,20 @@ def read_bench_json(path: str | Path) -> dict:
     return old
 
 
+def solver_kwargs_of(settings: Mapping) -> dict:
+    """The solver's own arguments in a record's settings (without Flash's ``c``, ``v`` and start policy)."""
+    from flash_plugin.solvers.hparams import FLASH_PARAMS
+
+    return {k: v for k, v in settings.items() if k not in (*FLASH_PARAMS, "start_policy") and v is not None}
+
+
 def reusable_baseline(path: str | Path, expect: dict, solver_kwargs: dict) -> dict:
     """The earlier result at ``path`` if its baseline is what this run would compute (the same
     fields ``expect`` lists and solver arguments), else a `FlashInputError` saying what differs."""
-    from flash_plugin.solvers.hparams import FLASH_PARAMS
-
     old = read_bench_json(path)
     if "baseline" not in old.get("per_image", {}) or "ae" not in old["per_image"]:
         raise FlashInputError(f"{path} has no per-image baseline and AE-only results to reuse")
-    old_kwargs = {k: v for k, v in old.get("hparams", {}).items() if k not in (*FLASH_PARAMS, "start_policy") and v is not None}
+    old_kwargs = solver_kwargs_of(old.get("hparams", {}))
     diff = {k: (old.get(k), v) for k, v in expect.items() if old.get(k) != v}
     if old_kwargs != solver_kwargs:
         diff["solver arguments"] = (old_kwargs, solver_kwargs)
@@ -284,7 +289,6 @@ def run_paired(
     from flash_plugin.bench.reconstruct import build_solver
     from flash_plugin.models import load_default_model
     from flash_plugin.registry import get_operator
-    from flash_plugin.solvers.hparams import FLASH_PARAMS
 
     methods = list(methods)
     overrides = dict(solver_args or {})
@@ -305,7 +309,7 @@ def run_paired(
     to_run = list(methods)
     reused = None
     if reuse_baseline is not None:
-        kwargs = {k: v for k, v in settings.items() if k not in (*FLASH_PARAMS, "start_policy") and v is not None}
+        kwargs = solver_kwargs_of(settings)
         reused = reusable_baseline(reuse_baseline, {"task": task, "solver": solver, "n_images": n, "offset": offset, "seed": seed,
                                                     "num_steps": num_steps, "severities": severities.cpu().tolist()}, kwargs)
         to_run.remove("baseline")

@@ -264,7 +264,7 @@ def reconstruct_files(input: str | Path, out: str | Path, *, batch_size: int = 8
         raise FlashInputError(f"{src}: measurements of shape {tuple(y_all.shape[1:])} per image; the model's images are {shape}")
     overrides = {**config["solver_args"], **({} if config["num_steps"] is None else {"num_steps": config["num_steps"]})}
     solver, flash_config, solver_settings = build_solver(config["solver"], model, config["tuned_for"], overrides=overrides, goal=config["goal"],
-                                                        start_policy=config.get("start_policy", "snr"))
+                                                        start_policy=config["start_policy"])
     flashed = flash(solver, load_estimator(config["estimator"], model_set, config["tuned_for"]), flash_config)
     preset = None if config["task"] is None else get_operator(config["task"])
 
