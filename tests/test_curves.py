@@ -80,6 +80,32 @@ def test_a_tiny_run_resumes_and_compares(tmp_path):
         run_curves("gblur-varying", "latent-dps", **{**kw, "offset": 5})
 
 
+def test_a_record_without_its_image_cache_reruns_or_keeps_its_settings(tmp_path):
+    """A committed record in a fresh checkout has no image cache: by default its settings run again
+    (and reproduce their numbers); with keep_uncached they stay as recorded, FD comparisons included,
+    and only the new setting runs, its FD comparisons left out where the old images are missing."""
+    kw = dict(n_images=2, fixed=(1, 4), out=tmp_path, batch_size=1, n_boot=5, include_tuned=False)
+    cache = tmp_path / "curves_gblur-varying_latent-dps.images.safetensors"
+    first = run_curves("gblur-varying", "latent-dps", **kw, budgets=(2,))
+    assert "fd_fmnist" in first["compare"]["budget:2"]
+    cache.unlink()
+    lines = []
+    kept = run_curves("gblur-varying", "latent-dps", **kw, budgets=(2, 3), keep_uncached=True, log=lines.append)
+    assert len(lines) == 1 and "budget:3" in lines[0]
+    for label, s in first["settings"].items():
+        assert kept["settings"][label] == s
+    assert kept["compare"]["budget:2"] == first["compare"]["budget:2"]
+    assert math.isfinite(kept["settings"]["budget:3"]["fd_fmnist"])
+    assert "psnr" in kept["compare"]["budget:3"] and "fd_fmnist" not in kept["compare"]["budget:3"]
+    cache.unlink()
+    lines = []
+    rerun = run_curves("gblur-varying", "latent-dps", **kw, budgets=(2,), log=lines.append)
+    assert len(lines) == len(first["settings"])  # budget:3, recorded but not asked for, is kept as it is
+    assert rerun["settings"]["budget:3"] == kept["settings"]["budget:3"]
+    for label, s in first["settings"].items():
+        assert rerun["settings"][label]["per_image"] == s["per_image"], label
+
+
 # --- start policies (flash_plugin.bench.policy) ------------------------------------------------
 
 from flash_plugin.bench.policy import (  # noqa: E402

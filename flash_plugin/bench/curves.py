@@ -18,7 +18,8 @@ against the fixed-start curve interpolated (linearly in log NFE, per image) at t
 NFE: a paired PSNR/SSIM difference with its standard error, and an FD difference with a paired
 bootstrap standard error over images. The run is resumable: the JSON is rewritten after each
 setting, and settings already in it are skipped. Reconstructions are cached as 8-bit images next
-to it (``<name>.images.safetensors``) so that FD comparisons can be recomputed.
+to it (``<name>.images.safetensors``, not committed) so that FD comparisons can be recomputed;
+``--keep-uncached`` adds settings to a record whose cache is gone without running the old ones again.
 
     python -m flash_plugin.bench.curves --task gblur-varying --solver latent-dps --n-images 64 \\
         --fixed 10 25 50 100 200 --c 0 0.5 1 1.2 --budgets 25 50 100 --out results/fashion-mnist-32/curves
@@ -256,18 +257,30 @@ def _analyse(result: dict, problem: dict, cached: dict, n_steps: int, n_boot: in
     features.update({k: feats(_from_uint8(v)).numpy() for k, v in cached.items() if k in result["settings"]})
     settings = result["settings"]
     for label, s in settings.items():
-        s["fd_fmnist"] = frechet_distance(features[label], features["clean"])
+        if label in features:  # else a kept setting without images: its recorded FD stands
+            s["fd_fmnist"] = frechet_distance(features[label], features["clean"])
+    old_compare, old_vs_noise = result.get("compare", {}), result.get("vs_noise", {})
     result["compare"] = {}
     if sum(s["kind"] == "fixed" for s in settings.values()) >= 2:
         for label, s in settings.items():
             if s["kind"] in ("flash", "budget", "policy"):
                 try:
-                    result["compare"][label] = compare_at_equal_nfe(result, label, features, seed=seed, n_boot=n_boot)
+                    c = compare_at_equal_nfe(result, label, features, seed=seed, n_boot=n_boot)
                 except ValueError as exc:
-                    result["compare"][label] = {"label": label, "mean_nfe": s["mean_nfe"], "error": str(exc)}
+                    c = {"label": label, "mean_nfe": s["mean_nfe"], "error": str(exc)}
+                result["compare"][label] = _keep_fd(c, old_compare.get(label), ("between", "weight"))
     full = setting_label("fixed", k=n_steps)
-    result["vs_noise"] = {label: compare_settings(result, label, full, features, seed=seed, n_boot=n_boot)
+    result["vs_noise"] = {label: _keep_fd(compare_settings(result, label, full, features, seed=seed, n_boot=n_boot),
+                                          old_vs_noise.get(label), ("ref",))
                           for label in settings if full in settings and label != full}
+
+
+def _keep_fd(new: dict, old: dict | None, same: tuple[str, ...]) -> dict:
+    """``new``, with the FD comparison of ``old`` where ``new`` lacks one (images not cached) and
+    ``old`` compared against the same settings (the fields ``same``)."""
+    if "fd_fmnist" not in new and old and "fd_fmnist" in old and all(old.get(k) == new.get(k) for k in same):
+        new["fd_fmnist"] = old["fd_fmnist"]
+    return new
 
 
 def run_curves(
@@ -285,6 +298,7 @@ def run_curves(
     include_tuned: bool = True,
     include_ae: bool = True,
     calibrated: bool = False,
+    keep_uncached: bool = False,
     severity_override: dict | None = None,
     batch_size: int = 64,
     data: str | None = None,
@@ -299,6 +313,9 @@ def run_curves(
 
     ``flash_settings`` are ``(c, v)`` pairs; the tuned pair of the solver's table is added when
     ``include_tuned``; ``calibrated`` adds the start policy stored for the pair.
+    A setting already in the JSON but not in the image cache (a committed record in a fresh
+    checkout) is run again, unless ``keep_uncached``: then it is kept as recorded, and FD
+    comparisons that would need its images keep their recorded values or are left out.
     ``severity_override`` replaces the preset's severities and operator arguments (robustness
     runs): ``{"t": float, "family_kwargs": {...}}``. ``solve_seed`` (default ``seed``) changes the
     solvers' noise alone: a replicate on the same measurements.
@@ -346,7 +363,7 @@ def run_curves(
 
         policy = get_start_policy(solver, task)
     for label, kind, params, config in _plan(tuned_config, fixed, flash_settings, budgets, include_tuned, include_ae, policy):
-        if label in result["settings"] and label in cached:
+        if label in result["settings"] and (label in cached or keep_uncached):
             continue
         recs, wall = _run_setting(kind, config, problem, batch_size, progress)
         cached[label] = _to_uint8(torch.stack([r.x for r in recs]))
@@ -388,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cv", nargs="*", default=[], metavar="C,V", help="extra Flash settings as c,v pairs, e.g. 1,8")
     p.add_argument("--budgets", nargs="*", default=[], help="mean steps per image of budget settings")
     p.add_argument("--calibrated", action="store_true", help="add Flash with the start policy stored for the pair")
+    p.add_argument("--keep-uncached", action="store_true",
+                   help="keep settings recorded in the JSON whose images are not cached instead of running them again "
+                        "(FD comparisons that need their images keep their recorded values or are left out)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--data", default=None)
     p.add_argument("--device", default="cpu")
@@ -411,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.append(_floats([c, v], f"--cv {item}"))
     result = run_curves(args.task, args.solver, n_images=args.n_images, offset=args.offset, split=args.split, seed=args.seed, solve_seed=args.solve_seed,
                         fixed=tuple(args.fixed), flash_settings=tuple(settings), budgets=_floats(args.budgets, "--budgets"), calibrated=args.calibrated,
-                        batch_size=args.batch_size, data=args.data, device=args.device, out=args.out,
+                        keep_uncached=args.keep_uncached, batch_size=args.batch_size, data=args.data, device=args.device, out=args.out,
                         name=args.name or (None if args.beyond is None else f"robust_{args.task}_{args.solver}_{args.beyond:g}"),
                         severity_override=None if args.beyond is None else beyond_range(args.task, args.beyond))
     print(json.dumps({k: {m: v[m] for m in ("psnr", "ssim", "mean_nfe", "fd_fmnist")} for k, v in result["settings"].items()}, indent=1))
